@@ -1,0 +1,21 @@
+"""ist-optim: Importance-aware Sparse Tuning (Yao et al. 2024, arXiv 2410.11772) as a drop-in optimizer.
+
+    from ist_optim import ISTAdamW
+    opt = ISTAdamW(peft_model, lr=2e-4)   # instead of torch.optim.AdamW(...)
+"""
+
+from .layers import LayerMap, discover_layers
+from .optimizer import IST, ISTAdamW
+from .scheduler import ImportanceScheduler
+from .suppression import find_adapter_modules, suppress
+
+__all__ = [
+    "IST",
+    "ISTAdamW",
+    "ImportanceScheduler",
+    "LayerMap",
+    "discover_layers",
+    "find_adapter_modules",
+    "suppress",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,364 @@
+"""``IST`` and ``ISTAdamW``: Importance-aware Sparse Tuning as a drop-in optimizer.
+
+Each step only the adapters of ``N_u`` layers train; every ``T_c`` steps a few
+no-grad probe passes with the other layers' adapters suppressed update the
+per-layer importance that the next selections are drawn from (Yao et al.
+2024, arXiv 2410.11772).
+
+How a step flows:
+
+1. the model's forward pre-hook (installed here) sets ``requires_grad`` on the
+   adapters: on for the layers selected for this step, off for the rest, so
+   the rest get no graph and no gradient (it also captures the batch, the
+   probe input);
+2. ``step()`` drops any stale gradient of unselected layers (so AdamW takes no
+   step, no weight decay, no momentum for them) and steps the wrapped optimizer;
+3. every ``probe_interval`` steps it runs the probe passes and updates importance;
+4. it draws the layers for the next step. Selection changes only here, so
+   every micro-batch of an accumulated step trains the same layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .layers import LayerMap, discover_layers
+from .probes import PROBE_MODES, LossFn, ProbeBatch, probe_losses
+from .scheduler import ImportanceScheduler
+from .suppression import find_adapter_modules
+
+__all__ = ["IST", "ISTAdamW"]
+
+_STATE_KEY = "ist"  # namespace of the wrapper's own state in state_dict()
+
+
+class IST(Optimizer):
+    r"""Wrap any torch optimizer so it does Importance-aware Sparse Tuning.
+
+    ``IST`` is a :class:`torch.optim.Optimizer` only so that LR schedulers,
+    ``GradScaler``, accelerate and HF ``Trainer`` accept it; it shares the
+    wrapped optimizer's ``param_groups`` list and ``state`` and delegates the
+    parameter update to it.
+
+    Args:
+        optimizer: an already-built optimizer whose params include the adapters.
+        model: the model those params belong to; its forward gets a pre-hook.
+        active_layers: ``N_u``, layers trained per step: int count, or float
+            fraction of the ``L`` layers (``1.0`` = all). Default 0.25.
+        probe_layers: ``N_v``, layers per probe candidate (int or fraction).
+            Default 0.5.
+        num_probes: ``N_c``, candidates per importance update; 0 disables the
+            importance loop. Default 3.
+        probe_interval: ``T_c``, optimizer steps between importance updates; 0
+            disables the loop. Default 10.
+        suppression: ``beta`` in ``[0, 1]``, the fraction of a suppressed
+            adapter's output kept in probes. Default 0.25.
+        importance_lr: ``mu`` >= 0. Default 10.0 (paper: 10 commonsense, 100 math).
+        rule: ``"reference"`` (the authors' released code, default) or
+            ``"paper"``; see :mod:`ist_optim.scheduler`.
+        probe_mode: ``"sequential"`` (default) or ``"batched"``; see
+            :mod:`ist_optim.probes`.
+        loss_fn: ``loss_fn(output, *args, **kwargs) -> scalar`` for probes,
+            called with the model output and the captured forward inputs;
+            default ``output.loss`` (HF models called with ``labels``).
+        layers: the blocks, overriding discovery (``nn.ModuleList`` or list).
+        layer_of: ``param name -> layer index or None``, overriding discovery.
+        seed: seed of the scheduler's generator. Default 0.
+
+    Attributes:
+        optimizer: the wrapped optimizer.
+        scheduler: the :class:`~ist_optim.ImportanceScheduler`.
+        layer_names: qualified names of the ``L`` layers.
+        active_layers: sorted indices of the layers trained in the current step.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module,
+        *,
+        active_layers: int | float = 0.25,
+        probe_layers: int | float = 0.5,
+        num_probes: int = 3,
+        probe_interval: int = 10,
+        suppression: float = 0.25,
+        importance_lr: float = 10.0,
+        rule: str = "reference",
+        probe_mode: str = "sequential",
+        loss_fn: LossFn | None = None,
+        layers: nn.ModuleList | Sequence[nn.Module] | None = None,
+        layer_of: Callable[[str], int | None] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
+        if isinstance(optimizer, IST):
+            raise TypeError("optimizer is already an IST wrapper; wrap the inner optimizer once")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+        if isinstance(probe_interval, bool) or not isinstance(probe_interval, int) or probe_interval < 0:
+            raise ValueError(f"Invalid probe_interval: {probe_interval} (need an int >= 0; 0 disables probes)")
+        if isinstance(suppression, bool) or not isinstance(suppression, (int, float)) or not 0.0 <= suppression <= 1.0:
+            raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
+        if probe_mode not in PROBE_MODES:
+            raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
+
+        optimizer_params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.layer_map: LayerMap = discover_layers(model, optimizer_params, layers=layers, layer_of=layer_of)
+        self.scheduler = ImportanceScheduler(
+            len(self.layer_map),
+            active_layers=active_layers,
+            probe_layers=probe_layers,
+            num_probes=num_probes,
+            importance_lr=importance_lr,
+            rule=rule,
+            seed=seed,
+        )
+        self.probes_enabled = num_probes > 0 and probe_interval > 0
+        self.adapters = find_adapter_modules(model, self.layer_map.params)
+        if self.probes_enabled:
+            missing = [name for name, mods in zip(self.layer_map.names, self.adapters) if not mods]
+            if missing:
+                raise ValueError(
+                    f"probes need adapter modules (a module with a base_layer, as peft's) in every layer, but "
+                    f"{len(missing)} layer(s) have none: {missing[:4]}; set num_probes=0 to train without "
+                    "the importance loop"
+                )
+
+        # Optimizer.__init__ sets up the hook registries and the step patch;
+        # the empty group is replaced by the shared list right after.
+        super().__init__([{"params": []}], {})
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.model = model
+        self.options = dict(
+            active_layers=active_layers,
+            probe_layers=probe_layers,
+            num_probes=num_probes,
+            probe_interval=probe_interval,
+            suppression=float(suppression),
+            importance_lr=float(importance_lr),
+            rule=rule,
+            probe_mode=probe_mode,
+            seed=seed,
+        )
+        self.probe_interval = probe_interval
+        self.suppression = float(suppression)
+        self.probe_mode = probe_mode
+        self.loss_fn = loss_fn
+        self.num_steps = 0
+        self.num_probe_updates_missed = 0  # probe rounds with no batch seen yet
+        self._probe_batch: ProbeBatch | None = None
+        self._probing = False
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._active_mask = torch.zeros(len(self.layer_map), dtype=torch.bool)
+        self._set_selection(self.scheduler.sample_active())
+
+    # ------------------------------------------------------------------ selection
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layer_map.names)
+
+    @property
+    def active_layers(self) -> list[int]:
+        return list(self.scheduler.active)
+
+    def _set_selection(self, active: list[int]) -> None:
+        self._active_mask.zero_()
+        self._active_mask[active] = True
+        self._active_flags = self._active_mask.tolist()
+
+    def _apply_selection(self) -> None:
+        for train, params in zip(self._active_flags, self.layer_map.params):
+            for p in params:
+                if p.requires_grad != train:
+                    p.requires_grad_(train)
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._probing:
+            return
+        # Re-applied every forward: holds even if peft or the user reset requires_grad.
+        self._apply_selection()
+        if module.training and torch.is_grad_enabled():
+            self._probe_batch = (args, kwargs)
+
+    def remove_hooks(self) -> None:
+        """Remove the model hook and make every adapter trainable again."""
+        self._hook.remove()
+        for params in self.layer_map.params:
+            for p in params:
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step on the selected layers, then (every ``probe_interval``) an importance update.
+
+        ``closure`` is called once with grad enabled, as in torch; on probe
+        steps it is also called under ``torch.no_grad()`` for each candidate
+        and its return value used as the probe loss, so a closure that calls
+        ``backward()`` should do so only ``if torch.is_grad_enabled()``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for train, params in zip(self._active_flags, self.layer_map.params):
+            if not train:
+                for p in params:
+                    p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
+        self.optimizer.step()
+        self.num_steps += 1
+        if self.probes_enabled and self.num_steps % self.probe_interval == 0:
+            self._update_importance(closure)
+        self._set_selection(self.scheduler.sample_active())
+        return loss
+
+    def _update_importance(self, closure: Callable[[], Any] | None) -> None:
+        if closure is None and self._probe_batch is None:
+            self.num_probe_updates_missed += 1
+            if self.num_probe_updates_missed == 1:
+                warnings.warn(
+                    "IST: no training forward of the model was seen before step(), so there is no probe batch; "
+                    "importance is not updated (call the model you passed to IST, or use step(closure))",
+                    stacklevel=3,
+                )
+            return
+        kept = self.scheduler.sample_candidates()  # (N_c, L)
+        beta = torch.where(kept, 1.0, self.suppression).double()
+        self._probing = True
+        try:
+            losses = probe_losses(
+                self.model,
+                self.adapters,
+                beta,
+                batch=self._probe_batch,
+                closure=closure,
+                loss_fn=self.loss_fn,
+                mode=self.probe_mode,
+            )
+        finally:
+            self._probing = False
+        self.scheduler.update(kept, losses)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "optimizer" not in self.__dict__:  # the placeholder group of Optimizer.__init__
+            return super().add_param_group(param_group)
+        # Parameters added later train every step (they are in no layer).
+        self.optimizer.add_param_group(param_group)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus the IST state under ``"ist"``.
+
+        Only tensors, numbers, strings, lists and dicts: loads with
+        ``torch.load(weights_only=True)`` (as HF ``Trainer`` does).
+        """
+        state_dict = self.optimizer.state_dict()
+        state_dict[_STATE_KEY] = {
+            "scheduler": self.scheduler.state_dict(),
+            "num_steps": self.num_steps,
+            "num_probe_updates_missed": self.num_probe_updates_missed,
+            "layer_names": self.layer_names,
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ist_state = state_dict.pop(_STATE_KEY, None)
+        self.optimizer.load_state_dict(state_dict)
+        # Optimizer.load_state_dict rebinds the inner lists: share them again.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        if ist_state is None:
+            warnings.warn(
+                "IST.load_state_dict: no 'ist' entry (a plain optimizer checkpoint?); importance starts afresh",
+                stacklevel=2,
+            )
+            return
+        if list(ist_state["layer_names"]) != self.layer_names:
+            raise ValueError(
+                f"checkpoint is for layers {ist_state['layer_names'][:3]}..., "
+                f"this optimizer has {self.layer_names[:3]}... ({len(self.layer_names)} layers)"
+            )
+        self.scheduler.load_state_dict(ist_state["scheduler"])
+        self.num_steps = int(ist_state["num_steps"])
+        self.num_probe_updates_missed = int(ist_state["num_probe_updates_missed"])
+        self._set_selection(self.scheduler.active)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The base class keeps only defaults/state/param_groups; a wrapper needs all of itself.
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        super().__setstate__({})
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
+
+
+class ISTAdamW(IST):
+    """``torch.optim.AdamW`` over the model's trainable parameters, wrapped in :class:`IST`.
+
+    Args:
+        model: the model (e.g. a peft model); its trainable parameters are
+            optimized unless ``params`` is given.
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused: as in
+            :class:`torch.optim.AdamW` (``weight_decay`` defaults to 0.0 here,
+            as in the paper's PEFT runs, not AdamW's 0.01).
+        params: parameters or param groups to optimize instead of all of the
+            model's trainable parameters (e.g. to exempt biases from decay).
+        **ist_options: the keyword options of :class:`IST`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+        **ist_options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(
+                    f"{type(model).__name__} has no trainable parameters; add adapters (e.g. peft.get_peft_model) "
+                    "or pass params="
+                )
+        adamw = torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(adamw, model, **ist_options)

@@ -1,0 +1,175 @@
+"""Response suppression: scale an adapter's output by ``beta`` (paper Eq. 8).
+
+One small interface, so the probe passes never touch peft internals directly:
+
+* an *adapter module* is any module with a ``base_layer`` submodule whose
+  output the adapter adds to (peft's tuner-layer convention, which users' own
+  adapters can follow), i.e. ``out = base_layer(x) + a(x)``;
+* :func:`find_adapter_modules` lists them per layer;
+* :func:`suppress` is a context manager that makes each layer's adapter
+  modules return ``base_layer(x) + beta * a(x)``, with one beta per layer
+  (sequential probes) or one per row group (batched probes), and restores
+  everything on exit, also when the forward raises.
+
+Two ways to scale, chosen per module:
+
+* vanilla peft LoRA (``scaling`` dict, no variant such as DoRA): the adapter
+  term is linear in ``scaling``, so multiplying ``scaling`` by beta is exact
+  and costs nothing;
+* anything else (DoRA, other tuners, users' adapters): a forward hook
+  recomputes ``base = base_layer(x)`` and returns ``base + beta * (out - base)``
+  (one extra base matmul per module; DoRA needs it because a zero scale does
+  not switch a DoRA layer off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["find_adapter_modules", "suppress", "is_adapter_module"]
+
+Undo = Callable[[], None]
+
+
+def is_adapter_module(module: nn.Module) -> bool:
+    """True for modules following the ``base_layer`` convention."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module)
+
+
+def _own_params(module: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of ``module`` that are not inside its ``base_layer``."""
+    base = {id(p) for p in module.base_layer.parameters()}
+    return (p for p in module.parameters() if id(p) not in base)
+
+
+def find_adapter_modules(model: nn.Module, layer_params: Sequence[Sequence[torch.Tensor]]) -> list[list[nn.Module]]:
+    """Adapter modules of each layer: those owning one of that layer's parameters.
+
+    Args:
+        model: the model.
+        layer_params: ``L`` lists of trainable parameters, one per layer.
+
+    Returns:
+        ``L`` lists of adapter modules (a list is empty when a layer's
+        parameters belong to no adapter module, e.g. full-layer training).
+    """
+    layer_of_param = {id(p): i for i, group in enumerate(layer_params) for p in group}
+    adapters: list[list[nn.Module]] = [[] for _ in layer_params]
+    for module in model.modules():
+        if not is_adapter_module(module):
+            continue
+        layers = {layer_of_param[id(p)] for p in _own_params(module) if id(p) in layer_of_param}
+        if len(layers) > 1:
+            raise ValueError(f"adapter module {type(module).__name__} holds parameters of layers {sorted(layers)}")
+        if layers:
+            adapters[layers.pop()].append(module)
+    return adapters
+
+
+def _row_scale(beta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Expand per-group betas ``(G,)`` to a broadcastable ``(rows, 1, ..., 1)`` for ``like``.
+
+    Rows are dim 0 and grouped contiguously (group ``g`` owns rows
+    ``[g * rows/G, (g+1) * rows/G)``), which also holds when a model flattens
+    ``(batch, seq)`` into one leading dim.
+    """
+    rows, groups = like.shape[0], beta.numel()
+    if rows % groups:
+        raise RuntimeError(
+            f"batched probes: an adapter saw {rows} rows on dim 0, not a multiple of the {groups} candidates; "
+            "the batch must be on dim 0 (use probe_mode='sequential' otherwise)"
+        )
+    scale = beta.to(device=like.device, dtype=like.dtype).repeat_interleave(rows // groups)
+    return scale.view(rows, *([1] * (like.dim() - 1)))
+
+
+def _is_vanilla_lora(module: nn.Module) -> bool:
+    scaling = getattr(module, "scaling", None)
+    variants = getattr(module, "lora_variant", {}) or {}
+    active = getattr(module, "active_adapters", ())
+    return isinstance(scaling, dict) and hasattr(module, "lora_A") and not any(a in variants for a in active)
+
+
+def _check_not_merged(module: nn.Module) -> None:
+    if getattr(module, "merged", False):
+        raise RuntimeError(
+            f"cannot suppress a merged adapter ({type(module).__name__}); unmerge the adapters before training"
+        )
+
+
+def _scale_lora_scaling(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+    """Multiply peft LoRA's ``scaling`` by beta for the duration; exact since the term is linear in it."""
+    original = dict(module.scaling)
+
+    def restore() -> None:
+        module.scaling.update(original)
+
+    if isinstance(beta, float):
+        for name, value in original.items():
+            module.scaling[name] = value * beta
+        return restore
+
+    # Per-row betas: the row count is only known from the input.
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        scale = _row_scale(beta, args[0])
+        for name, value in original.items():
+            mod.scaling[name] = scale * value
+
+    def post_hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        restore()
+
+    handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(post_hook)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        restore()
+
+    return undo
+
+
+def _scale_output_delta(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+    """Generic: ``base + beta * (out - base)`` with ``base = base_layer(x)`` recomputed."""
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        base = mod.base_layer(args[0])
+        scale = beta if isinstance(beta, float) else _row_scale(beta, output)
+        return base + scale * (output - base)
+
+    return module.register_forward_hook(hook).remove
+
+
+@contextmanager
+def suppress(adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor) -> Iterator[None]:
+    """Scale each layer's adapter outputs by its beta inside the block.
+
+    Args:
+        adapters: ``L`` lists of adapter modules (from :func:`find_adapter_modules`).
+        beta: ``(L,)`` one factor per layer, or ``(G, L)`` one per row group
+            (batched candidates; the input's dim 0 holds ``G`` equal groups).
+            A factor of 1 leaves a layer untouched.
+    """
+    if beta.dim() == 1:
+        beta = beta[None]
+    if beta.shape[1] != len(adapters):
+        raise ValueError(f"beta has {beta.shape[1]} layers, expected {len(adapters)}")
+    beta = beta.detach().to("cpu", torch.float64)
+    undos: list[Undo] = []
+    try:
+        for layer, modules in enumerate(adapters):
+            column = beta[:, layer]
+            if bool((column == 1).all()):
+                continue
+            factor: float | torch.Tensor = float(column[0]) if column.numel() == 1 else column
+            for module in modules:
+                _check_not_merged(module)
+                scale = _scale_lora_scaling if _is_vanilla_lora(module) else _scale_output_delta
+                undos.append(scale(module, factor))
+        yield
+    finally:
+        for undo in reversed(undos):
+            undo()
