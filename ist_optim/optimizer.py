@@ -102,6 +102,11 @@ class IST(Optimizer):
             raise TypeError("optimizer is already an IST wrapper; wrap the inner optimizer once")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+        for hook in model._forward_pre_hooks.values():
+            if isinstance(getattr(hook, "__self__", None), IST):
+                # Two wrappers would fight over requires_grad (and the first one's
+                # selection already froze adapters this one would not see).
+                raise ValueError("model already has an IST optimizer attached; call its remove_hooks() first")
         if isinstance(probe_interval, bool) or not isinstance(probe_interval, int) or probe_interval < 0:
             raise ValueError(f"Invalid probe_interval: {probe_interval} (need an int >= 0; 0 disables probes)")
         if isinstance(suppression, bool) or not isinstance(suppression, (int, float)) or not 0.0 <= suppression <= 1.0:
