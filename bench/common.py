@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmark scripts (never imported by the library)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def conditions(**extra: object) -> str:
+    """One line naming what a measurement depends on."""
+    import peft
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    parts = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        **extra,
+    }
+    return ", ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """20th and 80th percentiles."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=5, method="inclusive")
+    return q[0], q[3]
