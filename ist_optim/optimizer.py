@@ -28,8 +28,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .eviction import STATE_POLICIES, StateEvictor
+from .hooks import ModelHooks
 from .layers import LayerMap, discover_layers
-from .probes import PROBE_MODES, LossFn, ProbeBatch, probe_losses
+from .probes import PROBE_MODES, LossFn, probe_losses
 from .scheduler import ImportanceScheduler
 from .suppression import find_adapter_modules
 
@@ -68,7 +70,17 @@ class IST(Optimizer):
             called with the model output and the captured forward inputs;
             default ``output.loss`` (HF models called with ``labels``).
         layers: the blocks, overriding discovery (``nn.ModuleList`` or list).
-        layer_of: ``param name -> layer index or None``, overriding discovery.
+        layer_of: ``param name -> layer index or None``, overriding discovery
+            (the layers then are no modules: no backward cut, no selective checkpointing).
+        state_policy: ``"keep"``, ``"offload"`` or ``"drop"`` the optimizer state
+            of layers not being trained (see :mod:`ist_optim.eviction`);
+            ``"auto"`` (default) offloads when the parameters are on CUDA and
+            keeps otherwise (on a CPU host memory is device memory).
+        backward_cut: stop backward at the lowest selected block (exact, see
+            :mod:`ist_optim.hooks`); default ``None`` = on unless ``layer_of`` is used.
+        checkpoint_unselected: recompute unselected blocks above the lowest
+            selected one in backward instead of storing their activations
+            (default ``False``; less memory for one extra forward through them).
         seed: seed of the scheduler's generator. Default 0.
 
     Attributes:
@@ -94,6 +106,9 @@ class IST(Optimizer):
         loss_fn: LossFn | None = None,
         layers: nn.ModuleList | Sequence[nn.Module] | None = None,
         layer_of: Callable[[str], int | None] | None = None,
+        state_policy: str = "auto",
+        backward_cut: bool | None = None,
+        checkpoint_unselected: bool = False,
         seed: int = 0,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -103,7 +118,7 @@ class IST(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
         for hook in model._forward_pre_hooks.values():
-            if isinstance(getattr(hook, "__self__", None), IST):
+            if isinstance(getattr(hook, "__self__", None), ModelHooks):
                 # Two wrappers would fight over requires_grad (and the first one's
                 # selection already froze adapters this one would not see).
                 raise ValueError("model already has an IST optimizer attached; call its remove_hooks() first")
@@ -115,6 +130,11 @@ class IST(Optimizer):
             raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
+        if state_policy not in ("auto", *STATE_POLICIES):
+            raise ValueError(f"Invalid state_policy: {state_policy!r} (expected 'auto' or one of {STATE_POLICIES})")
+        for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
+            if not isinstance(flag, bool) and not (name == "backward_cut" and flag is None):
+                raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
 
         optimizer_params = [p for group in optimizer.param_groups for p in group["params"]]
         self.layer_map: LayerMap = discover_layers(model, optimizer_params, layers=layers, layer_of=layer_of)
@@ -146,6 +166,8 @@ class IST(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.model = model
+        if state_policy == "auto":
+            state_policy = "offload" if any(p.is_cuda for p in optimizer_params) else "keep"
         self.options = dict(
             active_layers=active_layers,
             probe_layers=probe_layers,
@@ -155,6 +177,9 @@ class IST(Optimizer):
             importance_lr=float(importance_lr),
             rule=rule,
             probe_mode=probe_mode,
+            state_policy=state_policy,
+            backward_cut=backward_cut,
+            checkpoint_unselected=checkpoint_unselected,
             seed=seed,
         )
         self.probe_interval = probe_interval
@@ -163,10 +188,10 @@ class IST(Optimizer):
         self.loss_fn = loss_fn
         self.num_steps = 0
         self.num_probe_updates_missed = 0  # probe rounds with no batch seen yet
-        self._probe_batch: ProbeBatch | None = None
-        self._probing = False
-        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._active_mask = torch.zeros(len(self.layer_map), dtype=torch.bool)
+        self.evictor = StateEvictor(optimizer, self.layer_map.params, state_policy)
+        self.hooks = ModelHooks(
+            model, self.layer_map, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected
+        )
         self._set_selection(self.scheduler.sample_active())
 
     # ------------------------------------------------------------------ selection
@@ -179,30 +204,26 @@ class IST(Optimizer):
         return list(self.scheduler.active)
 
     def _set_selection(self, active: list[int]) -> None:
-        self._active_mask.zero_()
-        self._active_mask[active] = True
-        self._active_flags = self._active_mask.tolist()
-
-    def _apply_selection(self) -> None:
-        for train, params in zip(self._active_flags, self.layer_map.params):
-            for p in params:
-                if p.requires_grad != train:
-                    p.requires_grad_(train)
-
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._probing:
-            return
-        # Re-applied every forward: holds even if peft or the user reset requires_grad.
-        self._apply_selection()
-        if module.training and torch.is_grad_enabled():
-            self._probe_batch = (args, kwargs)
+        """Make ``active`` the layers of the coming step: hooks, and resident optimizer state."""
+        flags = [False] * len(self.layer_map)
+        for layer in active:
+            flags[layer] = True
+        self._active_flags = flags
+        self.hooks.set_selection(flags)
+        self.evictor.apply(flags)
 
     def remove_hooks(self) -> None:
-        """Remove the model hook and make every adapter trainable again."""
-        self._hook.remove()
-        for params in self.layer_map.params:
-            for p in params:
-                p.requires_grad_(True)
+        """Remove every hook IST put on the model and make every adapter trainable again."""
+        self.hooks.remove()
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of optimizer state on the parameters' device and on host, and of gradients.
+
+        Returns:
+            ``{"optimizer_state_device_bytes", "optimizer_state_host_bytes", "grad_bytes"}``.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        return self.evictor.memory_report(params)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -229,7 +250,7 @@ class IST(Optimizer):
         return loss
 
     def _update_importance(self, closure: Callable[[], Any] | None) -> None:
-        if closure is None and self._probe_batch is None:
+        if closure is None and self.hooks.probe_batch is None:
             self.num_probe_updates_missed += 1
             if self.num_probe_updates_missed == 1:
                 warnings.warn(
@@ -240,19 +261,19 @@ class IST(Optimizer):
             return
         kept = self.scheduler.sample_candidates()  # (N_c, L)
         beta = torch.where(kept, 1.0, self.suppression).double()
-        self._probing = True
+        self.hooks.probing = True
         try:
             losses = probe_losses(
                 self.model,
                 self.adapters,
                 beta,
-                batch=self._probe_batch,
+                batch=self.hooks.probe_batch,
                 closure=closure,
                 loss_fn=self.loss_fn,
                 mode=self.probe_mode,
             )
         finally:
-            self._probing = False
+            self.hooks.probing = False
         self.scheduler.update(kept, losses)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -271,6 +292,7 @@ class IST(Optimizer):
         Only tensors, numbers, strings, lists and dicts: loads with
         ``torch.load(weights_only=True)`` (as HF ``Trainer`` does).
         """
+        self.evictor.synchronize()  # offloaded copies may still be in flight
         state_dict = self.optimizer.state_dict()
         state_dict[_STATE_KEY] = {
             "scheduler": self.scheduler.state_dict(),
@@ -287,11 +309,14 @@ class IST(Optimizer):
         # Optimizer.load_state_dict rebinds the inner lists: share them again.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+        # ... and it moved all state to the parameters' devices: evict again.
+        self.evictor.reset()
         if ist_state is None:
             warnings.warn(
                 "IST.load_state_dict: no 'ist' entry (a plain optimizer checkpoint?); importance starts afresh",
                 stacklevel=2,
             )
+            self._set_selection(self.scheduler.active)
             return
         if list(ist_state["layer_names"]) != self.layer_names:
             raise ValueError(

@@ -231,7 +231,7 @@ def test_eval_forwards_are_not_captured_as_probe_batch():
     with torch.no_grad():
         model(**lm_batch(seed=2))
     model.train()
-    assert opt._probe_batch[1]["input_ids"] is train["input_ids"]
+    assert opt.hooks.probe_batch[1]["input_ids"] is train["input_ids"]
 
 
 @pytest.mark.parametrize("rule", ["reference", "paper"])

@@ -1,0 +1,128 @@
+"""Optimizer-state eviction for layers that are not being trained.
+
+``"keep"``
+    leave every layer's state where it is (what plain AdamW does).
+``"offload"``
+    move the state of layers not selected for the coming step to host memory
+    (pinned on CUDA, non-blocking copies) and bring it back when the layer is
+    selected again. Exact: the trajectory equals ``"keep"`` bit for bit.
+``"drop"``
+    delete the state of layers not selected for the coming step. Their moments
+    (and AdamW's step count, hence bias correction) restart the next time they
+    train. Not exact; the least memory.
+
+When it happens: the selection for step ``t+1`` is drawn at the end of step
+``t``; right then the layers leaving the selection are evicted and the ones
+entering it are restored. A layer selected in consecutive steps never moves,
+and a restore is issued a whole forward/backward before the state is used,
+so on CUDA the host-to-device copy overlaps with compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["STATE_POLICIES", "StateEvictor"]
+
+STATE_POLICIES = ("keep", "offload", "drop")
+
+
+class StateEvictor:
+    """Moves or drops the wrapped optimizer's per-parameter state, layer by layer.
+
+    Args:
+        optimizer: the wrapped optimizer (its ``state`` is edited in place).
+        layer_params: ``L`` lists of parameters, one per layer.
+        policy: ``"keep"``, ``"offload"`` or ``"drop"``.
+
+    Attributes:
+        evicted: the set of layers whose state is offloaded or dropped.
+    """
+
+    def __init__(self, optimizer: Optimizer, layer_params: Sequence[Sequence[torch.Tensor]], policy: str):
+        if policy not in STATE_POLICIES:
+            raise ValueError(f"Invalid state_policy: {policy!r} (expected one of {STATE_POLICIES})")
+        self.optimizer = optimizer
+        self.layer_params = layer_params
+        self.policy = policy
+        self.evicted: set[int] = set()
+
+    def apply(self, flags: Sequence[bool]) -> None:
+        """Make the state of layers with ``flags[i]`` resident and evict the others."""
+        if self.policy == "keep":
+            return
+        for layer, train in enumerate(flags):
+            if train and layer in self.evicted:
+                self._restore(layer)
+            elif not train and layer not in self.evicted:
+                self._evict(layer)
+
+    def reset(self) -> None:
+        """Forget what was evicted (after ``load_state_dict`` put all state back on the device)."""
+        self.evicted.clear()
+
+    def synchronize(self) -> None:
+        """Wait for non-blocking device-to-host copies before anyone reads host state."""
+        if self.policy == "offload" and self.evicted and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _evict(self, layer: int) -> None:
+        state = self.optimizer.state
+        for p in self.layer_params[layer]:
+            if p not in state:
+                continue
+            if self.policy == "drop":
+                del state[p]
+                continue
+            entry = state[p]
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.device == p.device and value.dim() > 0:
+                    entry[key] = _to_host(value)
+        self.evicted.add(layer)
+
+    def _restore(self, layer: int) -> None:
+        if self.policy == "offload":
+            state = self.optimizer.state
+            for p in self.layer_params[layer]:
+                entry = state.get(p)
+                if not entry:
+                    continue
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        entry[key] = value.to(p.device, non_blocking=True)
+        self.evicted.discard(layer)
+
+    def memory_report(self, params_with_grads: Sequence[torch.Tensor]) -> dict[str, int]:
+        """Bytes of optimizer state resident on the parameters' device, on host, and of gradients.
+
+        On a CPU-only run "device" and "host" are the same memory; the split
+        then says which state IST holds as evicted.
+        """
+        device_bytes = host_bytes = 0
+        evicted_params = {id(p) for layer in self.evicted for p in self.layer_params[layer]}
+        for p, entry in self.optimizer.state.items():
+            for value in entry.values():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                size = value.numel() * value.element_size()
+                if value.device == p.device and id(p) not in evicted_params:
+                    device_bytes += size
+                else:
+                    host_bytes += size
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params_with_grads if p.grad is not None)
+        return {
+            "optimizer_state_device_bytes": device_bytes,
+            "optimizer_state_host_bytes": host_bytes,
+            "grad_bytes": grad_bytes,
+        }
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy (pinned and non-blocking from CUDA; a real copy on CPU too, so the path is the same)."""
+    pinned = tensor.is_cuda and torch.cuda.is_available()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
+    host.copy_(tensor, non_blocking=pinned)
+    return host
