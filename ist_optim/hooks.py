@@ -44,6 +44,11 @@ def _hidden_state(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str |
     return None, None
 
 
+def _is_kv_cache(value: Any) -> bool:
+    """An HF ``Cache`` (duck-typed, so transformers is not imported here)."""
+    return hasattr(value, "get_seq_length") and hasattr(value, "update")
+
+
 def _uses_reentrant_checkpointing(block: nn.Module) -> bool:
     """True when HF checkpointing of ``block`` is on and not explicitly non-reentrant."""
     if not getattr(block, "gradient_checkpointing", False):
@@ -186,6 +191,12 @@ class ModelHooks:
             and self._training_forward()
             and not getattr(block, "gradient_checkpointing", False)  # HF already checkpoints it
         ):
+            # As HF's own checkpointing does: a KV cache would be written twice
+            # (forward and recompute), and training never reads it.
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            args = tuple(None if _is_kv_cache(a) else a for a in args)
+            kwargs = {k: None if _is_kv_cache(v) else v for k, v in kwargs.items()}
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 

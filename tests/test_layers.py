@@ -14,10 +14,11 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def gpt2(layers=3):
+def gpt2(layers=3, attn_implementation="sdpa"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=layers, n_head=4)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=layers, n_head=4,
+                        attn_implementation=attn_implementation)
     return get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
 
 

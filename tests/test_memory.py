@@ -263,3 +263,24 @@ def test_bad_memory_options_raise():
     model = tiny_peft_llama()
     with pytest.raises(ValueError, match="layer_of"):
         ISTAdamW(model, lr=1e-3, layer_of=lambda n: 0 if "lora" in n else None, num_probes=0, backward_cut=True)
+
+
+def test_selective_checkpointing_on_gpt2_with_its_kv_cache_keeps_grads():
+    """GPT-2 builds a KV cache even in training; a recomputed block must not append to it twice."""
+    from test_layers import gpt2
+
+    model, reference = gpt2(4, "eager"), gpt2(4, "eager")
+    reference.load_state_dict(model.state_dict())
+    opt = ISTAdamW(model, lr=1e-2, active_layers=2, num_probes=0, checkpoint_unselected=True)
+    ref_opt = ISTAdamW(reference, lr=1e-2, active_layers=2, num_probes=0)
+    opt._set_selection([0, 3])
+    ref_opt._set_selection([0, 3])
+    ids = torch.randint(0, 64, (2, 8))
+    torch.manual_seed(0)  # GPT-2 has dropout: same draws on both sides (checkpoint replays its own)
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.manual_seed(0)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    grads, ref_grads = grads_of(model), grads_of(reference)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
