@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -157,26 +158,28 @@ def main() -> None:
     print(conditions(model=f"{args.model} config (random init), fp32", seq=args.seq, batch=args.batch,
                      lora=f"r={args.rank} dropout 0.05", checkpointing=args.checkpointing,
                      measure="max_memory_allocated" if args.device == "cuda" else "profiler memory events"))
-    header = (f"{'method':14s} {'total MiB':>9s} {'ratio':>6s} {'mean MiB':>9s} {'weights':>8s} {'opt st':>7s} "
-              f"{'grads':>7s} {'act+tmp':>8s} {'s/step':>7s} {'t ratio':>7s}")
-    print(header)
-    results = {}
+    rows_out = {}
     for method in args.methods:
+        print(f"measuring {method} ...", file=sys.stderr, flush=True)
         model, opt = setup(method, base_state, args)
         steps = args.steps if method.startswith("ist") else args.baseline_steps
         rows = [one_step(model, opt, batches[i].to(args.device), args.device) for i in range(1 + steps)][1:]
         worst = max(rows, key=lambda r: r["total"])
-        mean_total = statistics.mean(r["total"] for r in rows)
-        step_time = statistics.median(r["time"] for r in rows)
-        results[method] = (worst["total"], step_time)
-        ref_total, ref_time = results.get("lora", (worst["total"], step_time))
-        print(f"{method:14s} {worst['total'] / MIB:9.0f} {worst['total'] / ref_total:6.2f} {mean_total / MIB:9.0f} "
-              f"{worst['weights'] / MIB:8.0f} {worst['state'] / MIB:7.1f} {worst['grads'] / MIB:7.1f} "
-              f"{(worst['peak'] - worst['grads']) / MIB:8.0f} {step_time:7.2f} {step_time / ref_time:7.2f}",
-              flush=True)
+        rows_out[method] = dict(worst, mean_total=statistics.mean(r["total"] for r in rows),
+                                median_time=statistics.median(r["time"] for r in rows), steps=steps)
         del model, opt
-    print("ratio and t ratio: against lora in this run (peak total, median step time); "
-          "weights/opt st/grads/act+tmp split the worst step")
+
+    ref = rows_out.get("lora")
+    print(f"{'method':14s} {'steps':>5s} {'peak MiB':>8s} {'vs lora':>7s} {'mean MiB':>8s} {'weights':>7s} "
+          f"{'opt st':>6s} {'grads':>6s} {'act+tmp':>7s} {'s/step':>6s} {'vs lora':>7s}")
+    for method, r in rows_out.items():
+        ratio = f"{r['total'] / ref['total']:7.2f}" if ref else "      -"
+        t_ratio = f"{r['median_time'] / ref['median_time']:7.2f}" if ref else "      -"
+        print(f"{method:14s} {r['steps']:5d} {r['total'] / MIB:8.0f} {ratio} {r['mean_total'] / MIB:8.0f} "
+              f"{r['weights'] / MIB:7.0f} {r['state'] / MIB:6.1f} {r['grads'] / MIB:6.1f} "
+              f"{(r['peak'] - r['grads']) / MIB:7.0f} {r['median_time']:6.2f} {t_ratio}")
+    print("peak: the worst measured step's weights + resident optimizer state + the step's allocation peak; "
+          "mean: the same averaged over steps; the split is of the worst step; s/step: median")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,19 @@ per-layer importance that the next selections are drawn from (Yao et al.
 
 How a step flows:
 
-1. the model's forward pre-hook (installed here) sets ``requires_grad`` on the
-   adapters: on for the layers selected for this step, off for the rest, so
-   the rest get no graph and no gradient (it also captures the batch, the
-   probe input);
+1. before every forward, the model hooks (:mod:`ist_optim.hooks`) set
+   ``requires_grad`` on the adapters: on for the layers selected for this
+   step, off for the rest, so the rest build no graph and get no gradient;
+   the lowest selected block cuts backward below itself; the batch is kept
+   as the probe input;
 2. ``step()`` drops any stale gradient of unselected layers (so AdamW takes no
    step, no weight decay, no momentum for them) and steps the wrapped optimizer;
-3. every ``probe_interval`` steps it runs the probe passes and updates importance;
-4. it draws the layers for the next step. Selection changes only here, so
-   every micro-batch of an accumulated step trains the same layers.
+3. every ``probe_interval`` steps it runs the probe passes
+   (:mod:`ist_optim.probes`) and updates importance (:mod:`ist_optim.scheduler`);
+4. it draws the layers for the next step and evicts the optimizer state of
+   the layers leaving the selection (:mod:`ist_optim.eviction`). Selection
+   changes only here, so every micro-batch of an accumulated step trains the
+   same layers.
 """
 
 from __future__ import annotations
