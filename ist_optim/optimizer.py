@@ -37,7 +37,7 @@ from .hooks import ModelHooks
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, probe_losses
 from .scheduler import ImportanceScheduler
-from .suppression import find_adapter_modules
+from .suppression import KERNEL_CHOICES, find_adapter_modules
 
 __all__ = ["IST", "ISTAdamW"]
 
@@ -70,6 +70,9 @@ class IST(Optimizer):
             ``"paper"``; see :mod:`ist_optim.scheduler`.
         probe_mode: ``"sequential"`` (default) or ``"batched"``; see
             :mod:`ist_optim.probes`.
+        kernels: ``"auto"`` (default: Triton for peft LoRA ``Linear`` adapters
+            on CUDA, torch otherwise), ``"triton"`` or ``"torch"``, for the
+            probe passes; see :mod:`ist_optim.kernels`.
         loss_fn: ``loss_fn(output, *args, **kwargs) -> scalar`` for probes,
             called with the model output and the captured forward inputs;
             default ``output.loss`` (HF models called with ``labels``).
@@ -107,6 +110,7 @@ class IST(Optimizer):
         importance_lr: float = 10.0,
         rule: str = "reference",
         probe_mode: str = "sequential",
+        kernels: str = "auto",
         loss_fn: LossFn | None = None,
         layers: nn.ModuleList | Sequence[nn.Module] | None = None,
         layer_of: Callable[[str], int | None] | None = None,
@@ -134,6 +138,8 @@ class IST(Optimizer):
             raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"Invalid kernels: {kernels!r} (expected one of {KERNEL_CHOICES})")
         if state_policy not in ("auto", *STATE_POLICIES):
             raise ValueError(f"Invalid state_policy: {state_policy!r} (expected 'auto' or one of {STATE_POLICIES})")
         for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
@@ -181,6 +187,7 @@ class IST(Optimizer):
             importance_lr=float(importance_lr),
             rule=rule,
             probe_mode=probe_mode,
+            kernels=kernels,
             state_policy=state_policy,
             backward_cut=backward_cut,
             checkpoint_unselected=checkpoint_unselected,
@@ -189,6 +196,7 @@ class IST(Optimizer):
         self.probe_interval = probe_interval
         self.suppression = float(suppression)
         self.probe_mode = probe_mode
+        self.kernels = kernels
         self.loss_fn = loss_fn
         self.num_steps = 0
         self.num_probe_updates_missed = 0  # probe rounds with no batch seen yet
@@ -275,6 +283,7 @@ class IST(Optimizer):
                 closure=closure,
                 loss_fn=self.loss_fn,
                 mode=self.probe_mode,
+                kernels=self.kernels,
             )
         finally:
             self.hooks.probing = False

@@ -95,6 +95,7 @@ def probe_losses(
     closure: Callable[[], Any] | None = None,
     loss_fn: LossFn | None = None,
     mode: str = "sequential",
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Loss of each candidate, the model in ``eval()`` mode and no grad.
 
@@ -106,6 +107,7 @@ def probe_losses(
         closure: returns the loss of a forward (called under ``torch.no_grad()``).
         loss_fn: ``loss_fn(output, *args, **kwargs)``; default ``output.loss``.
         mode: ``"sequential"`` or ``"batched"`` (a closure always runs sequentially).
+        kernels: ``"auto"``, ``"triton"`` or ``"torch"``: see :func:`~ist_optim.suppression.suppress`.
 
     Returns:
         ``(N_c,)`` float64 losses on CPU.
@@ -118,14 +120,14 @@ def probe_losses(
         if closure is not None or mode == "sequential":
             losses = []
             for row in beta:
-                with suppress(adapters, row):
+                with suppress(adapters, row, kernels=kernels):
                     if closure is not None:
                         loss = closure()
                     else:
                         loss = _loss_of(model(*batch[0], **batch[1]), batch, loss_fn)
                 losses.append(torch.as_tensor(loss).detach().to("cpu", torch.float64).reshape(()))
             return torch.stack(losses)
-        return _batched_losses(model, adapters, beta, batch, loss_fn)
+        return _batched_losses(model, adapters, beta, batch, loss_fn, kernels)
 
 
 def _batched_losses(
@@ -134,6 +136,7 @@ def _batched_losses(
     beta: torch.Tensor,
     batch: ProbeBatch,
     loss_fn: LossFn | None,
+    kernels: str,
 ) -> torch.Tensor:
     groups, rows = beta.shape[0], _batch_size(batch)
     args, kwargs = _map_rows(batch, lambda t: t.repeat(groups, *([1] * (t.dim() - 1))), rows)
@@ -147,7 +150,7 @@ def _batched_losses(
             )
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels")  # the model's own loss would mix the candidates
-    with suppress(adapters, beta):
+    with suppress(adapters, beta, kernels=kernels):
         output = model(*args, **kwargs)
     losses = []
     for g in range(groups):

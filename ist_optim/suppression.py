@@ -11,8 +11,11 @@ One small interface, so the probe passes never touch peft internals directly:
   (sequential probes) or one per row group (batched probes), and restores
   everything on exit, also when the forward raises.
 
-Two ways to scale, chosen per module:
+Three ways to scale, chosen per module:
 
+* vanilla peft LoRA ``Linear`` on the Triton path (CUDA, or forced): the
+  forward is swapped for one that adds ``scale * beta[group] * (h @ B.T)``
+  to the base output in place with one kernel (``ist_optim.kernels``);
 * vanilla peft LoRA (``scaling`` dict, no variant such as DoRA): the adapter
   term is linear in ``scaling``, so multiplying ``scaling`` by beta is exact
   and costs nothing;
@@ -26,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["find_adapter_modules", "suppress", "is_adapter_module"]
+__all__ = ["find_adapter_modules", "suppress", "is_adapter_module", "KERNEL_CHOICES"]
 
 Undo = Callable[[], None]
 
@@ -143,8 +147,57 @@ def _scale_output_delta(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     return module.register_forward_hook(hook).remove
 
 
+def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+    """Vanilla LoRA ``Linear`` on the Triton path: the beta-scaled term is added in place by one kernel."""
+    from .kernels import lora_expand
+
+    groups = torch.tensor([beta], dtype=torch.float64) if isinstance(beta, float) else beta
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = module.base_layer(x, *args, **kwargs)
+        flat = result.reshape(-1, result.shape[-1])  # (M, N), rows grouped by candidate
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            lora_a = module.lora_A[name]
+            h = lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype))).reshape(flat.shape[0], -1)  # (M, r)
+            scale = (groups * float(module.scaling[name])).float()  # (G,)
+            lora_expand(flat, h, module.lora_B[name].weight, scale, out=flat, backend="triton")
+        return result
+
+    module.forward = forward
+
+    def undo() -> None:
+        module.__dict__.pop("forward", None)
+
+    return undo
+
+
+def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:
+    if not _is_vanilla_lora(module):
+        return _scale_output_delta
+    if kernels == "torch":
+        return _scale_lora_scaling
+    from .kernels import use_triton
+
+    ups = [module.lora_B[name] for name in module.active_adapters if name in module.lora_B]
+    linear = bool(ups) and all(isinstance(up, nn.Linear) for up in ups)
+    if kernels == "triton":
+        if not (linear and use_triton(ups[0].weight, forced=True)):
+            raise RuntimeError(
+                "kernels='triton' needs Triton and LoRA Linear adapters on CUDA (or TRITON_INTERPRET=1 on CPU)"
+            )
+        return _fused_lora_probe
+    return _fused_lora_probe if linear and use_triton(ups[0].weight) else _scale_lora_scaling
+
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
 @contextmanager
-def suppress(adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor) -> Iterator[None]:
+def suppress(
+    adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor, *, kernels: str = "auto"
+) -> Iterator[None]:
     """Scale each layer's adapter outputs by its beta inside the block.
 
     Args:
@@ -152,7 +205,12 @@ def suppress(adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor) -> Ite
         beta: ``(L,)`` one factor per layer, or ``(G, L)`` one per row group
             (batched candidates; the input's dim 0 holds ``G`` equal groups).
             A factor of 1 leaves a layer untouched.
+        kernels: ``"auto"`` (Triton for vanilla LoRA ``Linear`` adapters on
+            CUDA, torch otherwise), ``"triton"`` (force; raise if it cannot
+            run) or ``"torch"``.
     """
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"Invalid kernels: {kernels!r} (expected one of {KERNEL_CHOICES})")
     if beta.dim() == 1:
         beta = beta[None]
     if beta.shape[1] != len(adapters):
@@ -167,8 +225,7 @@ def suppress(adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor) -> Ite
             factor: float | torch.Tensor = float(column[0]) if column.numel() == 1 else column
             for module in modules:
                 _check_not_merged(module)
-                scale = _scale_lora_scaling if _is_vanilla_lora(module) else _scale_output_delta
-                undos.append(scale(module, factor))
+                undos.append(_strategy(module, kernels)(module, factor))
         yield
     finally:
         for undo in reversed(undos):

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from torch import nn
+
+# The Triton kernels run in the interpreter on CPU; it must be on before the
+# first @triton.jit is decorated (DESIGN.md section 6).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
 
 VOCAB = 64
 

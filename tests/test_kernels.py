@@ -1,0 +1,181 @@
+"""Triton kernels against their pure-torch references (interpreter on CPU, real kernels on CUDA)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import lm_batch, tiny_peft_llama
+
+pytest.importorskip("triton")
+
+from ist_optim import ISTAdamW, discover_layers, find_adapter_modules  # noqa: E402
+from ist_optim.kernels import lora_expand_reference, lora_linear_reference, use_triton  # noqa: E402
+from ist_optim.kernels.ops import fuse_lora, lora_expand_op  # noqa: E402
+from ist_optim.kernels.triton_lora import lora_expand, lora_linear  # noqa: E402
+from ist_optim.probes import probe_losses  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {  # accumulation is float32 in both; only the final rounding differs
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+# (M, N, r): prime M and N, one row, rank below 16 and not a power of two, rank above one tile
+SHAPES = [(1, 17, 4), (37, 53, 5), (64, 96, 16), (29, 31, 33), (12, 40, 72)]
+
+
+def rand(*shape, dtype=torch.float32, gen):
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def nan_padded(tensor: torch.Tensor, pad: int = 7) -> torch.Tensor:
+    """A view of ``tensor`` inside a larger NaN buffer: a missing mask reads NaN."""
+    rows, cols = tensor.shape
+    buffer = torch.full((rows + 2 * pad, cols + 2 * pad), float("nan"), dtype=tensor.dtype, device=tensor.device)
+    view = buffer[pad : pad + rows, pad : pad + cols]
+    view.copy_(tensor)
+    return view
+
+
+def scales(groups: int) -> torch.Tensor:
+    return torch.tensor([2.0, 0.5, 0.25, 1.0][:groups], device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_expand_matches_reference(dtype, shape):
+    M, N, R = shape
+    gen = torch.Generator().manual_seed(M * N + R)
+    base, h, b = rand(M, N, dtype=dtype, gen=gen), rand(M, R, dtype=dtype, gen=gen), rand(N, R, dtype=dtype, gen=gen)
+    groups = 1 if M % 2 else 2
+    out = lora_expand(base, h, b, scales(groups))
+    torch.testing.assert_close(out, lora_expand_reference(base, h, b, scales(groups)), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 17, 4, 9), (37, 53, 5, 70), (20, 31, 33, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_reference(dtype, shape, bias):
+    M, N, R, K = shape
+    gen = torch.Generator().manual_seed(M + N + R + K)
+    x, w, h, b = (rand(M, K, dtype=dtype, gen=gen), rand(N, K, dtype=dtype, gen=gen), rand(M, R, dtype=dtype, gen=gen),
+                  rand(N, R, dtype=dtype, gen=gen))
+    bias_t = rand(N, dtype=dtype, gen=gen) if bias else None
+    groups = 1 if M % 4 else 4
+    out = lora_linear(x, w, bias_t, h, b, scales(groups))
+    torch.testing.assert_close(out, lora_linear_reference(x, w, bias_t, h, b, scales(groups)), **TOLERANCE[dtype])
+
+
+def test_nan_padded_and_non_contiguous_inputs_read_only_their_elements():
+    M, N, R, K = 23, 19, 6, 13
+    gen = torch.Generator().manual_seed(0)
+    base, h, b = rand(M, N, gen=gen), rand(M, R, gen=gen), rand(N, R, gen=gen)
+    x, w, bias = rand(M, K, gen=gen), rand(N, K, gen=gen), rand(N, gen=gen)
+    expected = lora_expand_reference(base, h, b, scales(1))
+    got = lora_expand(nan_padded(base), nan_padded(h), nan_padded(b), scales(1))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    # transposed (column-major) views
+    got = lora_expand(base.T.contiguous().T, h.T.contiguous().T, b.T.contiguous().T, scales(1))
+    torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    got = lora_linear(nan_padded(x), nan_padded(w), bias, nan_padded(h), nan_padded(b), scales(1))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, lora_linear_reference(x, w, bias, h, b, scales(1)), **TOLERANCE[torch.float32])
+
+
+def test_in_place_into_base():
+    gen = torch.Generator().manual_seed(1)
+    base, h, b = rand(16, 24, gen=gen), rand(16, 8, gen=gen), rand(24, 8, gen=gen)
+    expected = lora_expand_reference(base, h, b, scales(2))
+    out = lora_expand(base, h, b, scales(2), out=base)
+    assert out is base
+    torch.testing.assert_close(base, expected, **TOLERANCE[torch.float32])
+
+
+def test_groups_change_only_the_scale_not_the_bits():
+    """G=1 with scale s and G=2 with [s, s] differ only in launch arithmetic: results must be identical."""
+    gen = torch.Generator().manual_seed(2)
+    base, h, b = rand(18, 21, gen=gen), rand(18, 7, gen=gen), rand(21, 7, gen=gen)
+    one = lora_expand(base, h, b, torch.tensor([0.5], device=DEVICE))
+    two = lora_expand(base, h, b, torch.tensor([0.5, 0.5], device=DEVICE))
+    assert torch.equal(one, two)
+    per_group = lora_expand(base, h, b, torch.tensor([0.5, 0.25], device=DEVICE))
+    assert torch.equal(per_group[:9], one[:9])
+    assert not torch.equal(per_group[9:], one[9:])
+
+
+def test_bad_shapes_raise():
+    gen = torch.Generator().manual_seed(3)
+    base, h, b = rand(6, 5, gen=gen), rand(6, 3, gen=gen), rand(5, 3, gen=gen)
+    with pytest.raises(ValueError, match="groups"):
+        lora_expand(base, h, b, scales(4))
+    with pytest.raises(ValueError, match="shapes"):
+        lora_expand(base, h, b.T, scales(1))
+    with pytest.raises(ValueError, match="shapes"):
+        lora_linear(base, rand(5, 4, gen=gen), None, h, b, scales(1))
+
+
+def test_custom_op_autograd_matches_autograd_through_eager():
+    gen = torch.Generator().manual_seed(4)
+    leaves = [rand(10, 12, gen=gen), rand(10, 6, gen=gen), rand(12, 6, gen=gen)]
+    scale = scales(2)
+    ours = [t.clone().requires_grad_() for t in leaves]
+    eager = [t.clone().requires_grad_() for t in leaves]
+    out = lora_expand_op(*ours, scale)
+    rows = scale.repeat_interleave(5)[:, None]
+    ref = eager[0] + (eager[1] @ eager[2].T) * rows
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+    grad = rand(10, 12, gen=gen)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a.grad, b.grad, **TOLERANCE[torch.float32])
+
+
+def test_custom_op_passes_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    args = (rand(8, 5, gen=gen).requires_grad_(), rand(8, 3, gen=gen).requires_grad_(),
+            rand(5, 3, gen=gen).requires_grad_(), scales(2))
+    torch.library.opcheck(lora_expand_op, args)
+
+
+def test_fuse_lora_trains_like_peft():
+    model = tiny_peft_llama().to(DEVICE)
+    reference = copy.deepcopy(model)
+    handle = fuse_lora(model)
+    assert len(handle.modules) == 20
+    batch = {k: v.to(DEVICE) for k, v in lm_batch().items()}
+    loss, ref_loss = model(**batch).loss, reference(**batch).loss
+    torch.testing.assert_close(loss, ref_loss, **TOLERANCE[torch.float32])
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_grads[name].grad, **TOLERANCE[torch.float32])
+    handle.remove()
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_probes_with_triton_kernels_equal_the_torch_path(mode):
+    model = tiny_peft_llama(num_layers=2).to(DEVICE)
+    layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
+    adapters = find_adapter_modules(model, layer_map.params)
+    beta = torch.tensor([[1.0, 0.25], [0.25, 1.0]], dtype=torch.float64)
+    batch = ((), {k: v.to(DEVICE) for k, v in lm_batch().items()})
+    torch_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="torch")
+    triton_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="triton")
+    torch.testing.assert_close(triton_losses, torch_losses, rtol=1e-5, atol=1e-6)
+    assert all("forward" not in vars(m) for m in model.modules())  # restored
+
+
+def test_auto_uses_triton_only_on_cuda_and_the_option_is_validated():
+    weight = torch.zeros(2, 2)
+    assert not use_triton(weight)  # CPU: auto never picks the interpreter
+    if not torch.cuda.is_available():
+        assert use_triton(weight, forced=True)  # conftest turned the interpreter on
+    with pytest.raises(ValueError, match="kernels"):
+        ISTAdamW(tiny_peft_llama(), lr=1e-3, kernels="cuda")
