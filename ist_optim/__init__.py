@@ -4,6 +4,7 @@
     opt = ISTAdamW(peft_model, lr=2e-4)   # instead of torch.optim.AdamW(...)
 """
 
+from .fused_lora import fuse_lora
 from .layers import LayerMap, discover_layers
 from .optimizer import IST, ISTAdamW
 from .scheduler import ImportanceScheduler
@@ -16,6 +17,7 @@ __all__ = [
     "LayerMap",
     "discover_layers",
     "find_adapter_modules",
+    "fuse_lora",
     "suppress",
 ]
 __version__ = "0.1.0"

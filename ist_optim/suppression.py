@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fused_lora import has_linear_up_projections, is_vanilla_lora, lora_forward
+
 __all__ = ["find_adapter_modules", "suppress", "is_adapter_module", "KERNEL_CHOICES"]
 
 Undo = Callable[[], None]
@@ -91,13 +93,6 @@ def _row_scale(beta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.view(rows, *([1] * (like.dim() - 1)))
 
 
-def _is_vanilla_lora(module: nn.Module) -> bool:
-    scaling = getattr(module, "scaling", None)
-    variants = getattr(module, "lora_variant", {}) or {}
-    active = getattr(module, "active_adapters", ())
-    return isinstance(scaling, dict) and hasattr(module, "lora_A") and not any(a in variants for a in active)
-
-
 def _check_not_merged(module: nn.Module) -> None:
     if getattr(module, "merged", False):
         raise RuntimeError(
@@ -153,17 +148,11 @@ def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
 
     groups = torch.tensor([beta], dtype=torch.float64) if isinstance(beta, float) else beta
 
+    def expand_in_place(flat, h, lora_b, scale):
+        return lora_expand(flat, h, lora_b, scale, out=flat, backend="triton")
+
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = module.base_layer(x, *args, **kwargs)
-        flat = result.reshape(-1, result.shape[-1])  # (M, N), rows grouped by candidate
-        for name in module.active_adapters:
-            if name not in module.lora_A:
-                continue
-            lora_a = module.lora_A[name]
-            h = lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype))).reshape(flat.shape[0], -1)  # (M, r)
-            scale = (groups * float(module.scaling[name])).float()  # (G,)
-            lora_expand(flat, h, module.lora_B[name].weight, scale, out=flat, backend="triton")
-        return result
+        return lora_forward(module, x, expand_in_place, groups)
 
     module.forward = forward
 
@@ -174,21 +163,21 @@ def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
 
 
 def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:
-    if not _is_vanilla_lora(module):
+    if not is_vanilla_lora(module):
         return _scale_output_delta
     if kernels == "torch":
         return _scale_lora_scaling
     from .kernels import use_triton
 
-    ups = [module.lora_B[name] for name in module.active_adapters if name in module.lora_B]
-    linear = bool(ups) and all(isinstance(up, nn.Linear) for up in ups)
+    linear = has_linear_up_projections(module)  # False for LoRA Embedding / Conv layers
+    weight = next(iter(module.lora_B.values())).weight if linear else None
     if kernels == "triton":
-        if not (linear and use_triton(ups[0].weight, forced=True)):
+        if not (linear and use_triton(weight, forced=True)):
             raise RuntimeError(
                 "kernels='triton' needs Triton and LoRA Linear adapters on CUDA (or TRITON_INTERPRET=1 on CPU)"
             )
         return _fused_lora_probe
-    return _fused_lora_probe if linear and use_triton(ups[0].weight) else _scale_lora_scaling
+    return _fused_lora_probe if linear and use_triton(weight) else _scale_lora_scaling
 
 
 KERNEL_CHOICES = ("auto", "triton", "torch")

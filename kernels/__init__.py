@@ -6,8 +6,10 @@ also the path on CPU.
 
 * :func:`lora_expand` ``base + scale[group] * (h @ B.T)`` (probe passes; in place allowed)
 * :func:`lora_linear` ``x @ W0.T + bias + scale[group] * (h @ B.T)`` in one GEMM
-* ``torch.ops.ist_optim.lora_expand``: the same as a custom op with autograd, for training
-* :func:`fuse_lora` routes peft LoRA layers' forward through that op (opt-in)
+* ``torch.ops.ist_optim.lora_expand`` (:mod:`.ops`): the same as a custom op with
+  autograd, for training; :func:`ist_optim.fuse_lora` routes peft LoRA layers through it
+
+Math only: nothing here knows about peft or the optimizer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ __all__ = [
     "lora_expand_reference",
     "lora_linear_reference",
     "row_scale",
-    "fuse_lora",
 ]
 
 
@@ -80,13 +81,3 @@ def _pick(backend: str, tensor: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if use_triton(tensor) else "torch"
     return backend
-
-
-def fuse_lora(model: torch.nn.Module):
-    """Route every vanilla peft LoRA ``Linear``'s forward through ``ist_optim::lora_expand``.
-
-    Returns a handle whose ``remove()`` restores the original forwards.
-    """
-    from .ops import fuse_lora as _fuse_lora
-
-    return _fuse_lora(model)

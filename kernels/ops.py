@@ -1,4 +1,4 @@
-"""``ist_optim::lora_expand`` as a torch custom op with autograd, and :func:`fuse_lora`.
+"""``ist_optim::lora_expand`` as a torch custom op with autograd.
 
 Forward: ``out = base + scale[group] * (h @ B.T)`` (Triton where it can run,
 else the torch reference). Backward, with ``g_s = scale[group] * grad``:
@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import lora_expand as _lora_expand
 from . import use_triton
 from .reference import row_scale
 
-__all__ = ["lora_expand_op", "fuse_lora", "FusedLoraHandle"]
+__all__ = ["lora_expand_op"]
 
 
 @torch.library.custom_op("ist_optim::lora_expand", mutates_args=())
@@ -46,70 +45,3 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
 
 
 lora_expand_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _is_vanilla_lora_linear(module: nn.Module) -> bool:
-    variants = getattr(module, "lora_variant", {}) or {}
-    return (
-        isinstance(getattr(module, "scaling", None), dict)
-        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
-        and isinstance(getattr(module, "base_layer", None), nn.Module)
-        and not any(name in variants for name in getattr(module, "active_adapters", ()))
-        and all(isinstance(b, nn.Linear) for b in module.lora_B.values())
-    )
-
-
-def fused_lora_forward(module: nn.Module, x: torch.Tensor, scale_of: Any = None) -> torch.Tensor:
-    """peft LoRA ``Linear`` forward with the adapter term added by ``lora_expand_op``.
-
-    Args:
-        module: a vanilla peft LoRA layer (not merged, adapters enabled).
-        x: ``(..., in_features)``.
-        scale_of: ``adapter name -> (G,) scale tensor``; default ``scaling[name]`` with ``G = 1``.
-    """
-    result = module.base_layer(x)
-    out_features = result.shape[-1]
-    flat = result.reshape(-1, out_features)
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-        inputs = x.to(lora_a.weight.dtype)
-        h = lora_a(module.lora_dropout[name](inputs)).reshape(-1, lora_a.out_features)  # (M, r)
-        scale = scale_of(name) if scale_of is not None else torch.tensor([float(module.scaling[name])])
-        flat = lora_expand_op(flat, h, lora_b.weight, scale.to(flat.device))
-    return flat.view(result.shape)
-
-
-class FusedLoraHandle:
-    """Removes what :func:`fuse_lora` patched."""
-
-    def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
-
-    def remove(self) -> None:
-        for module in self.modules:
-            module.__dict__.pop("forward", None)
-        self.modules = []
-
-
-def fuse_lora(model: nn.Module) -> FusedLoraHandle:
-    """Patch every vanilla peft LoRA ``Linear`` in ``model`` to add its adapter term with the fused op.
-
-    Merged layers, disabled adapters, DoRA and non-``Linear`` LoRA layers keep
-    peft's forward (the patched forward falls back to it at call time).
-    """
-    patched = []
-    for module in model.modules():
-        if not _is_vanilla_lora_linear(module):
-            continue
-        original = module.forward
-
-        def forward(x: torch.Tensor, *args: Any, _module=module, _original=original, **kwargs: Any) -> torch.Tensor:
-            if args or kwargs or _module.merged or _module.disable_adapters:
-                return _original(x, *args, **kwargs)
-            return fused_lora_forward(_module, x)
-
-        module.forward = forward
-        patched.append(module)
-    return FusedLoraHandle(patched)

@@ -10,9 +10,9 @@ from conftest import lm_batch, tiny_peft_llama
 
 pytest.importorskip("triton")
 
-from ist_optim import ISTAdamW, discover_layers, find_adapter_modules  # noqa: E402
+from ist_optim import ISTAdamW, discover_layers, find_adapter_modules, fuse_lora  # noqa: E402
 from ist_optim.kernels import lora_expand_reference, lora_linear_reference, use_triton  # noqa: E402
-from ist_optim.kernels.ops import fuse_lora, lora_expand_op  # noqa: E402
+from ist_optim.kernels.ops import lora_expand_op  # noqa: E402
 from ist_optim.kernels.triton_lora import lora_expand, lora_linear  # noqa: E402
 from ist_optim.probes import probe_losses  # noqa: E402
 
