@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from ist_optim import ISTAdamW
 
 MIB = 2**20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_base(name: str):
@@ -63,6 +64,7 @@ def blocks_of(model):
 def setup(method: str, base_state: dict, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model, targets = build_base(args.model)
     model.load_state_dict(base_state)
+    model = model.to(DTYPES[args.dtype])  # peft keeps the adapters in float32 (autocast_adapter_dtype)
     if method != "full":
         lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=targets)
         model = get_peft_model(model, lora)
@@ -141,6 +143,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="measured steps for IST methods (after 1 warm-up)")
     parser.add_argument("--baseline-steps", type=int, default=3, help="measured steps for fixed methods")
     parser.add_argument("--checkpointing", action="store_true", help="HF non-reentrant gradient checkpointing")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="base weights' dtype; LoRA adapters stay float32 (the paper: fp16 base)")
     parser.add_argument("--methods", nargs="+",
                         default=["full", "lora", "fixed-spread", "fixed-top", "ist-keep", "ist-offload", "ist-drop",
                                  "ist-selective"])
@@ -155,7 +159,7 @@ def main() -> None:
     total_steps = 1 + max(args.steps, args.baseline_steps)
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(total_steps)]
 
-    print(conditions(model=f"{args.model} config (random init), fp32", seq=args.seq, batch=args.batch,
+    print(conditions(model=f"{args.model} config (random init), base {args.dtype}, adapters fp32", seq=args.seq, batch=args.batch,
                      lora=f"r={args.rank} dropout 0.05", checkpointing=args.checkpointing,
                      measure="max_memory_allocated" if args.device == "cuda" else "profiler memory events"))
     rows_out = {}

@@ -193,10 +193,6 @@ class IST(Optimizer):
             checkpoint_unselected=checkpoint_unselected,
             seed=seed,
         )
-        self.probe_interval = probe_interval
-        self.suppression = float(suppression)
-        self.probe_mode = probe_mode
-        self.kernels = kernels
         self.loss_fn = loss_fn
         self.num_steps = 0
         self.num_probe_updates_missed = 0  # probe rounds with no batch seen yet
@@ -204,6 +200,7 @@ class IST(Optimizer):
         self.hooks = ModelHooks(
             model, self.layer_map, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected
         )
+        self.options["backward_cut"] = self.hooks.backward_cut  # None resolved
         self._set_selection(self.scheduler.sample_active())
 
     # ------------------------------------------------------------------ selection
@@ -256,7 +253,7 @@ class IST(Optimizer):
                     p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
         self.optimizer.step()
         self.num_steps += 1
-        if self.probes_enabled and self.num_steps % self.probe_interval == 0:
+        if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
             self._update_importance(closure)
         self._set_selection(self.scheduler.sample_active())
         return loss
@@ -272,7 +269,7 @@ class IST(Optimizer):
                 )
             return
         kept = self.scheduler.sample_candidates()  # (N_c, L)
-        beta = torch.where(kept, 1.0, self.suppression).double()
+        beta = torch.where(kept, 1.0, self.options["suppression"]).double()
         self.hooks.probing = True
         try:
             losses = probe_losses(
@@ -282,8 +279,8 @@ class IST(Optimizer):
                 batch=self.hooks.probe_batch,
                 closure=closure,
                 loss_fn=self.loss_fn,
-                mode=self.probe_mode,
-                kernels=self.kernels,
+                mode=self.options["probe_mode"],
+                kernels=self.options["kernels"],
             )
         finally:
             self.hooks.probing = False
