@@ -49,6 +49,30 @@ else:
     ]
 
 
+@triton.jit
+def _accumulate(
+    acc, a_ptr, b_ptr, rows, cols, row_ok, col_ok, K,
+    stride_a_m, stride_a_k, stride_b_n, stride_b_k,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``acc += a[rows, :K] @ b[cols, :K].T``, K in ``BLOCK_K`` tiles, every load masked."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_a_m + ks[None, :] * stride_a_k,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        b_t = tl.load(b_ptr + ks[:, None] * stride_b_k + cols[None, :] * stride_b_n,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b_t = b_t.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(a, b_t, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b_t)
+    return acc
+
+
 @triton.autotune(configs=_EXPAND_CONFIGS, key=["M", "N", "R"])
 @triton.jit
 def _lora_expand_kernel(
@@ -66,20 +90,8 @@ def _lora_expand_kernel(
     col_ok = cols < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        h = tl.load(h_ptr + rows[:, None] * stride_h_m + ranks[None, :] * stride_h_r,
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + ranks[:, None] * stride_b_r + cols[None, :] * stride_b_n,
-                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = B.T tile
-        if UPCAST:
-            h = h.to(tl.float32)
-            b_t = b_t.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(h, b_t, input_precision="ieee")
-        else:
-            acc += tl.dot(h, b_t)
+    acc = _accumulate(acc, h_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
+                      stride_h_m, stride_h_r, stride_b_n, stride_b_r, BLOCK_R, UPCAST, IEEE)  # h @ B.T
 
     scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -106,39 +118,13 @@ def _lora_linear_kernel(
     row_ok = rows < M
     col_ok = cols < N
 
-    # base GEMM over K: x (BLOCK_M, BLOCK_K) @ W0.T (BLOCK_K, BLOCK_N)
+    # the base GEMM over K, then the adapter's rank-r K, kept apart to scale it per row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None] * stride_x_m + ks[None, :] * stride_x_k,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + ks[:, None] * stride_w_k + cols[None, :] * stride_w_n,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w_t = w_t.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(x, w_t, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w_t)
-
-    # the adapter's K: h (BLOCK_M, BLOCK_R) @ B.T (BLOCK_R, BLOCK_N), scaled per row
+    acc = _accumulate(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K,
+                      stride_x_m, stride_x_k, stride_w_n, stride_w_k, BLOCK_K, UPCAST, IEEE)  # x @ W0.T
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        h = tl.load(h_ptr + rows[:, None] * stride_h_m + ranks[None, :] * stride_h_r,
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + ranks[:, None] * stride_b_r + cols[None, :] * stride_b_n,
-                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            b_t = b_t.to(tl.float32)
-        if IEEE:
-            lora += tl.dot(h, b_t, input_precision="ieee")
-        else:
-            lora += tl.dot(h, b_t)
+    lora = _accumulate(lora, h_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
+                       stride_h_m, stride_h_r, stride_b_n, stride_b_r, BLOCK_R, UPCAST, IEEE)  # h @ B.T
 
     scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32)
     out = acc + lora * scale[:, None]
