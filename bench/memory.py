@@ -56,6 +56,17 @@ def build_base(name: str):
     raise ValueError(f"unknown model {name!r}")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, data shape, precision and device options shared with ``step_time.py``."""
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "tinyllama"])
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="base weights' dtype; LoRA adapters stay float32 (the paper: fp16 base)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def blocks_of(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.transformer.h if hasattr(base, "transformer") else base.model.layers
@@ -136,19 +147,13 @@ def one_step(model, opt, ids, device: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", choices=["gpt2", "tinyllama"])
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=20, help="measured steps for IST methods (after 1 warm-up)")
     parser.add_argument("--baseline-steps", type=int, default=3, help="measured steps for fixed methods")
     parser.add_argument("--checkpointing", action="store_true", help="HF non-reentrant gradient checkpointing")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                        help="base weights' dtype; LoRA adapters stay float32 (the paper: fp16 base)")
     parser.add_argument("--methods", nargs="+",
                         default=["full", "lora", "fixed-spread", "fixed-top", "ist-keep", "ist-offload", "ist-drop",
                                  "ist-selective"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     base, _ = build_base(args.model)

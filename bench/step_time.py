@@ -22,21 +22,16 @@ import time
 
 import torch
 from common import conditions, median, quantiles
-from memory import DTYPES, build_base, setup
+from memory import add_model_arguments, build_base, setup
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", choices=["gpt2", "tinyllama"])
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds (each method steps once per round)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--methods", nargs="+",
                         default=["lora", "ist-keep", "ist-selective", "lora+ckpt", "ist-keep+ckpt"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     base, _ = build_base(args.model)
