@@ -284,3 +284,46 @@ def test_selective_checkpointing_on_gpt2_with_its_kv_cache_keeps_grads():
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
         assert torch.equal(grads[name], ref_grads[name]), name
+
+
+class KwargBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, hidden_states):
+        return hidden_states + torch.tanh(self.fc(hidden_states))
+
+
+class KwargNet(nn.Module):
+    """Blocks called with ``hidden_states=`` as a keyword, input requiring grad from upstream."""
+
+    def __init__(self, width: int = 8, depth: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.layers = nn.ModuleList(KwargBlock(width) for _ in range(depth))
+
+    def forward(self, x):
+        hidden = self.embed(x).requires_grad_()  # like enable_input_require_grads
+        for layer in self.layers:
+            hidden = layer(hidden_states=hidden)
+        return hidden.pow(2).mean()
+
+
+def test_backward_cut_on_a_hidden_states_keyword():
+    torch.manual_seed(0)
+    model = KwargNet()
+    model.embed.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    opt = ISTAdamW(model, lr=1e-2, active_layers=2, num_probes=0)
+    ref_opt = ISTAdamW(reference, lr=1e-2, active_layers=2, num_probes=0, backward_cut=False)
+    opt._set_selection([2, 3])
+    ref_opt._set_selection([2, 3])
+    x = torch.randn(3, 8)
+    model(x).backward()
+    reference(x).backward()
+    assert opt.hooks.cut_count == 1
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name

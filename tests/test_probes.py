@@ -220,3 +220,46 @@ def test_merged_adapters_refuse_to_be_suppressed():
     with pytest.raises(RuntimeError, match="merged"):
         with suppress(adapters, BETA[0]):
             pass
+
+
+class OwnLoRA(nn.Module):
+    """A user's own adapter following the ``base_layer`` convention (no peft)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        dtype = base.weight.dtype
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, dtype=dtype) * 0.3)
+        self.B = nn.Parameter(torch.randn(base.out_features, rank, dtype=dtype) * 0.3)
+
+    def forward(self, x):
+        return self.base_layer(x) + x @ self.A.T @ self.B.T
+
+
+def test_users_own_adapters_are_discovered_suppressed_and_trained():
+    torch.manual_seed(0)
+    model = Net().double()
+    for block in model.blocks:
+        block.fc = OwnLoRA(block.fc)
+    model.head.requires_grad_(False)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    layer_map, adapters = adapters_of(model)
+    assert len(layer_map) == 6 and all(len(mods) == 1 for mods in adapters)
+    beta = torch.tensor([1.0, 0.25, 0.0, 1.0, 0.5, 1.0], dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for block, b in zip(reference.blocks, beta.tolist()):
+            block.fc.B.mul_(b)  # the term is linear in B
+        expected = reference(x)
+        with suppress(adapters, beta):
+            got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+    y = torch.randn(8, 1, dtype=torch.float64)
+    loss_fn = lambda output, x: nn.functional.mse_loss(output, y)  # noqa: E731
+    opt = ISTAdamW(model, lr=1e-2, active_layers=2, probe_interval=2, loss_fn=loss_fn)
+    for _ in range(4):
+        loss_fn(model(x), x).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.scheduler.num_updates == 2

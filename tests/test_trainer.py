@@ -64,17 +64,17 @@ def make_trainer(model, opt, output_dir, max_steps):
     return Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(opt, None))
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_trainer_with_accumulation_and_exact_resume(tmp_path, dora):
+@pytest.mark.parametrize("dora, state_policy", [(False, "keep"), (True, "keep"), (False, "offload"), (False, "drop")])
+def test_trainer_with_accumulation_and_exact_resume(tmp_path, dora, state_policy):
     model = tiny_peft_llama(dora=dora)
-    opt = ISTAdamW(model, lr=2e-2, **IST_OPTIONS)
+    opt = ISTAdamW(model, lr=2e-2, state_policy=state_policy, **IST_OPTIONS)
     trainer = make_trainer(model, opt, tmp_path / "full", max_steps=8)
     trainer.train()
     assert opt.num_steps == 8 and opt.scheduler.num_updates == 4
     assert os.path.isdir(tmp_path / "full" / "checkpoint-4")
 
     resumed_model = tiny_peft_llama(dora=dora)
-    resumed_opt = ISTAdamW(resumed_model, lr=2e-2, **{**IST_OPTIONS, "seed": 99})
+    resumed_opt = ISTAdamW(resumed_model, lr=2e-2, state_policy=state_policy, **{**IST_OPTIONS, "seed": 99})
     resumed = make_trainer(resumed_model, resumed_opt, tmp_path / "resumed", max_steps=8)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
 
