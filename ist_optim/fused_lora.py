@@ -31,9 +31,14 @@ Expand = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 def is_vanilla_lora(module: nn.Module) -> bool:
     """A peft LoRA layer whose active adapters are plain LoRA (no DoRA or other variant)."""
     scaling = getattr(module, "scaling", None)
-    variants = getattr(module, "lora_variant", {}) or {}
+    variants = getattr(module, "lora_variant", {}) or {}  # peft >= 0.15: DoRA and friends live here
+    use_dora = getattr(module, "use_dora", {}) or {}  # older peft flags DoRA per adapter
     active = getattr(module, "active_adapters", ())
-    return isinstance(scaling, dict) and hasattr(module, "lora_A") and not any(a in variants for a in active)
+    return (
+        isinstance(scaling, dict)
+        and hasattr(module, "lora_A")
+        and not any(name in variants or use_dora.get(name, False) for name in active)
+    )
 
 
 def has_linear_up_projections(module: nn.Module) -> bool:
