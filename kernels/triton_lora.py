@@ -139,12 +139,17 @@ def _block_r(rank: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rank)))
 
 
-def _check(scale: torch.Tensor, num_rows: int) -> int:
+def _group_scale(scale: torch.Tensor, num_rows: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Validate ``(G,)`` and return it as contiguous float32 on ``device``, with the rows per group."""
     if scale.dim() != 1 or scale.numel() == 0:
         raise ValueError(f"scale must be a non-empty (G,) tensor, got shape {tuple(scale.shape)}")
     if num_rows % scale.numel():
         raise ValueError(f"{num_rows} rows do not split into {scale.numel()} equal groups")
-    return max(1, num_rows // scale.numel())
+    return scale.to(device=device, dtype=torch.float32).contiguous(), max(1, num_rows // scale.numel())
+
+
+def _grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
 
 def _flags(dtype: torch.dtype) -> dict[str, bool]:
@@ -165,17 +170,12 @@ def lora_expand(
     R = h.shape[1]
     if h.shape[0] != M or lora_b.shape != (N, R):
         raise ValueError(f"shapes do not match: base {tuple(base.shape)}, h {tuple(h.shape)}, B {tuple(lora_b.shape)}")
-    rows_per_group = _check(scale, M)
+    scale, rows_per_group = _group_scale(scale, M, base.device)
     if out is None:
         out = torch.empty((M, N), device=base.device, dtype=base.dtype)
-    scale = scale.to(device=base.device, dtype=torch.float32).contiguous()
     if M == 0 or N == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-
-    _lora_expand_kernel[grid](
+    _lora_expand_kernel[_grid(M, N)](
         base, h, lora_b, scale, out, M, N, R, rows_per_group,
         base.stride(0), base.stride(1), h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
         out.stride(0), out.stride(1),
@@ -208,16 +208,11 @@ def lora_linear(
         )
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    rows_per_group = _check(scale, M)
+    scale, rows_per_group = _group_scale(scale, M, x.device)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    scale = scale.to(device=x.device, dtype=torch.float32).contiguous()
     if M == 0 or N == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-
-    _lora_linear_kernel[grid](
+    _lora_linear_kernel[_grid(M, N)](
         x, weight, bias if bias is not None else x, h, lora_b, scale, out, M, N, K, R, rows_per_group,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1),
