@@ -127,7 +127,7 @@ class ModelHooks:
             for p in params:
                 if p.requires_grad != train:
                     p.requires_grad_(train)
-        if module.training and torch.is_grad_enabled():
+        if self._training_forward():
             self.probe_batch = (args, kwargs)
             if self.backward_cut and not self._upstream_checked:
                 self._check_nothing_trains_upstream(module)

@@ -54,8 +54,7 @@ def lora_linear_reference(
     Returns:
         ``(M, N)`` in ``x.dtype``.
     """
-    base = x.float() @ weight.float().T
+    base = x.float() @ weight.float().T  # (M, N), kept in float32 for the expand
     if bias is not None:
         base = base + bias.float()
-    delta = h.float() @ lora_b.float().T
-    return (base + delta * row_scale(scale, x.shape[0]).to(x.device)).to(x.dtype)
+    return lora_expand_reference(base, h, lora_b, scale).to(x.dtype)
