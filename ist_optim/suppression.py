@@ -18,7 +18,10 @@ Three ways to scale, chosen per module:
   to the base output in place with one kernel (``ist_optim.kernels``);
 * vanilla peft LoRA (``scaling`` dict, no variant such as DoRA): the adapter
   term is linear in ``scaling``, so multiplying ``scaling`` by beta is exact
-  and costs nothing;
+  and costs nothing. Also the Triton path's fallback for layers the kernel
+  does not cover (``lora_bias``: the bias is inside ``lora_B``, scaled with
+  it) and for modules whose forward something else already patched on the
+  instance (``fuse_lora``, accelerate): swapping it would bypass that patch;
 * anything else (DoRA, other tuners, users' adapters): a forward hook
   recomputes ``base = base_layer(x)`` and returns ``base + beta * (out - base)``
   (one extra base matmul per module; DoRA needs it because a zero scale does
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fused_lora import has_linear_up_projections, is_vanilla_lora, lora_forward
+from .fused_lora import has_linear_up_projections, is_fusable, is_vanilla_lora, lora_forward, patch_forward
 
 __all__ = ["find_adapter_modules", "suppress", "is_adapter_module", "KERNEL_CHOICES"]
 
@@ -154,12 +157,7 @@ def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return lora_forward(module, x, expand_in_place, groups)
 
-    module.forward = forward
-
-    def undo() -> None:
-        module.__dict__.pop("forward", None)
-
-    return undo
+    return patch_forward(module, forward)
 
 
 def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:
@@ -176,8 +174,11 @@ def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | t
             raise RuntimeError(
                 "kernels='triton' needs Triton and LoRA Linear adapters on CUDA (or TRITON_INTERPRET=1 on CPU)"
             )
-        return _fused_lora_probe
-    return _fused_lora_probe if linear and use_triton(weight) else _scale_lora_scaling
+    elif not (linear and use_triton(weight)):
+        return _scale_lora_scaling
+    if not is_fusable(module) or "forward" in vars(module):
+        return _scale_lora_scaling  # lora_bias, or another patch's forward to keep: exact on peft's path
+    return _fused_lora_probe
 
 
 KERNEL_CHOICES = ("auto", "triton", "torch")

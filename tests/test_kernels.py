@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import lm_batch, tiny_peft_llama
+from test_probes import tiny_peft_llama_lora_bias
 
 pytest.importorskip("triton")
 
@@ -15,6 +16,7 @@ from ist_optim.kernels import lora_expand_reference, lora_linear_reference, use_
 from ist_optim.kernels.ops import lora_expand_op  # noqa: E402
 from ist_optim.kernels.triton_lora import lora_expand, lora_linear  # noqa: E402
 from ist_optim.probes import probe_losses  # noqa: E402
+from ist_optim.suppression import _fused_lora_probe, _scale_lora_scaling, _strategy  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {  # accumulation is float32 in both; only the final rounding differs
@@ -141,35 +143,119 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(lora_expand_op, args)
 
 
-def test_fuse_lora_trains_like_peft():
-    model = tiny_peft_llama().to(DEVICE)
+def peft_llama(lora_bias: bool, num_layers: int = 4) -> torch.nn.Module:
+    return (tiny_peft_llama_lora_bias if lora_bias else tiny_peft_llama)(num_layers).to(DEVICE)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_fuse_lora_trains_like_peft(lora_bias):
+    model = peft_llama(lora_bias)
     reference = copy.deepcopy(model)
     handle = fuse_lora(model)
-    assert len(handle.modules) == 20
+    # lora_bias: the kernel has no bias term, so those layers keep peft's forward
+    assert len(handle.modules) == (0 if lora_bias else 20)
     batch = {k: v.to(DEVICE) for k, v in lm_batch().items()}
     loss, ref_loss = model(**batch).loss, reference(**batch).loss
     torch.testing.assert_close(loss, ref_loss, **TOLERANCE[torch.float32])
     loss.backward()
     ref_loss.backward()
-    ref_grads = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, ref_grads[name].grad, **TOLERANCE[torch.float32])
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    assert any("lora_B" in name for name in ref_grads) and (not lora_bias or any(n.endswith("bias") for n in ref_grads))
+    for name, ref_grad in ref_grads.items():  # every gradient the reference has, the fused op must give
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name], ref_grad, **TOLERANCE[torch.float32])
     handle.remove()
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("lora_bias", [False, True])
 @pytest.mark.parametrize("mode", ["sequential", "batched"])
-def test_probes_with_triton_kernels_equal_the_torch_path(mode):
-    model = tiny_peft_llama(num_layers=2).to(DEVICE)
+def test_probes_with_triton_kernels_equal_the_torch_path(mode, lora_bias):
+    model = peft_llama(lora_bias, num_layers=2)
     layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
     adapters = find_adapter_modules(model, layer_map.params)
+    # lora_bias layers take the exact scaling path even when Triton is forced
+    expected = _scale_lora_scaling if lora_bias else _fused_lora_probe
+    assert all(_strategy(m, "triton") is expected for mods in adapters for m in mods)
     beta = torch.tensor([[1.0, 0.25], [0.25, 1.0]], dtype=torch.float64)
     batch = ((), {k: v.to(DEVICE) for k, v in lm_batch().items()})
     torch_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="torch")
     triton_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="triton")
     torch.testing.assert_close(triton_losses, torch_losses, rtol=1e-5, atol=1e-6)
     assert all("forward" not in vars(m) for m in model.modules())  # restored
+
+
+def patch_by_user(module: torch.nn.Module, calls: list) -> object:
+    """A user's (or accelerate's) forward on the instance, calling the forward it replaced."""
+    inner = module.forward
+
+    def forward(x, *args, **kwargs):
+        calls.append(module)
+        return inner(x, *args, **kwargs)
+
+    module.forward = forward
+    return forward
+
+
+def test_fuse_lora_keeps_a_forward_patched_on_the_instance_before_or_after_it():
+    model = peft_llama(False, num_layers=2)
+    reference = copy.deepcopy(model)
+    q_proj, v_proj = (getattr(model.base_model.model.model.layers[0].self_attn, n) for n in ("q_proj", "v_proj"))
+    calls: list = []
+    users = patch_by_user(q_proj, calls)
+    with pytest.warns(UserWarning, match="1 LoRA layers already have a forward"):
+        handle = fuse_lora(model)
+    assert q_proj not in handle.modules and len(handle.modules) == 9  # fusing would bypass the user's forward
+    later = patch_by_user(v_proj, calls)  # patched on top of fuse_lora's forward
+    batch = {k: v.to(DEVICE) for k, v in lm_batch().items()}
+    with torch.no_grad():
+        expected = reference(**batch).loss
+        torch.testing.assert_close(model(**batch).loss, expected, **TOLERANCE[torch.float32])
+        assert calls == [q_proj, v_proj]
+        handle.remove()
+        assert vars(q_proj)["forward"] is users and vars(v_proj)["forward"] is later  # nothing of theirs removed
+        torch.testing.assert_close(model(**batch).loss, expected, **TOLERANCE[torch.float32])
+    assert calls == [q_proj, v_proj] * 2
+    assert sum("forward" in vars(m) for m in model.modules()) == 2
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_triton_probes_keep_a_forward_patched_on_the_instance(mode):
+    model = peft_llama(False, num_layers=2)
+    layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
+    adapters = find_adapter_modules(model, layer_map.params)
+    beta = torch.tensor([[1.0, 0.25], [0.25, 1.0]], dtype=torch.float64)
+    batch = ((), {k: v.to(DEVICE) for k, v in lm_batch().items()})
+    torch_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="torch")
+    calls: list = []
+    patched = {module: patch_by_user(module, calls) for module in (adapters[0][0], adapters[1][3])}
+    # swapping their forward would bypass the user's: exact scaling path instead
+    assert all(_strategy(m, "triton") is _scale_lora_scaling for m in patched)
+    triton_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="triton")
+    torch.testing.assert_close(triton_losses, torch_losses, rtol=1e-5, atol=1e-6)
+    assert len(calls) == (4 if mode == "sequential" else 2)  # every candidate's forward went through them
+    assert {m: vars(m).get("forward") for mods in adapters for m in mods} == {
+        m: patched.get(m) for mods in adapters for m in mods
+    }
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_probes_on_a_fused_model_equal_the_unfused_model(mode, kernels):
+    """fuse_lora's forward stays in place and reads the scaled ``scaling`` (per-row tensors go to peft's forward)."""
+    model = peft_llama(False, num_layers=2)
+    layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
+    adapters = find_adapter_modules(model, layer_map.params)
+    beta = torch.tensor([[1.0, 0.25], [0.25, 1.0]], dtype=torch.float64)
+    batch = ((), {k: v.to(DEVICE) for k, v in lm_batch().items()})
+    expected = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="torch")
+    handle = fuse_lora(model)
+    fused = {m: vars(m)["forward"] for m in handle.modules}
+    losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels=kernels)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    assert {m: vars(m)["forward"] for m in handle.modules} == fused
+    handle.remove()
 
 
 def test_auto_uses_triton_only_on_cuda_and_the_option_is_validated():

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import lm_batch, tiny_peft_llama
+from conftest import VOCAB, lm_batch, tiny_peft_llama
 from torch import nn
 
 from ist_optim import IST, ISTAdamW, discover_layers, find_adapter_modules, suppress
@@ -45,13 +45,37 @@ def replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
     raise AssertionError("module not found")
 
 
+def tiny_peft_llama_lora_bias(num_layers: int = 4, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """conftest's tiny peft LLaMA with ``lora_bias=True`` (a bias in each ``lora_B``; peft needs biased base layers)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=targets)
+    model = get_peft_model(LlamaForCausalLM(config).to(dtype), lora)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # weight and bias: non-zero so the adapters matter
+                p.normal_(0, 0.1)
+    return model
+
+
 BETA = torch.tensor([[1.0, 0.25, 0.25, 1.0], [0.25, 1.0, 0.0, 0.25], [0.25, 0.25, 1.0, 1.0]], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_suppressed_lora_forward_equals_scaling_lora_b_by_hand(rslora):
-    """LoRA's term is linear in B: scaling lora_B of each suppressed layer by beta is the reference."""
-    model = tiny_peft_llama(rslora=rslora, dtype=torch.float64).eval()
+@pytest.mark.parametrize("variant", ["lora", "rslora", "lora_bias"])
+def test_suppressed_lora_forward_equals_scaling_lora_b_by_hand(variant):
+    """LoRA's term is linear in lora_B (weight and bias): lora_B scaled by beta where suppressed is the reference."""
+    if variant == "lora_bias":
+        model = tiny_peft_llama_lora_bias(dtype=torch.float64).eval()
+    else:
+        model = tiny_peft_llama(rslora=variant == "rslora", dtype=torch.float64).eval()
     layer_map, adapters = adapters_of(model)
     batch = lm_batch(seed=3)
     for row in BETA:
@@ -59,7 +83,7 @@ def test_suppressed_lora_forward_equals_scaling_lora_b_by_hand(rslora):
         with torch.no_grad():
             for layer, beta in enumerate(row.tolist()):
                 for name, p in reference.named_parameters():
-                    if f"layers.{layer}." in name and "lora_B" in name:
+                    if f"layers.{layer}." in name and "lora_B" in name:  # lora_B's weight and bias
                         p.mul_(beta)
         with suppress(adapters, row):
             got = hf_loss(model, batch)
