@@ -1,29 +1,48 @@
 """Model hooks: apply the layer selection, capture the probe batch, cut backward.
 
 Everything IST does to a model goes through :class:`ModelHooks`, and
-:meth:`ModelHooks.remove` undoes all of it.
+:meth:`ModelHooks.remove` undoes all of it (and nothing else).
 
-* a forward pre-hook on the model sets ``requires_grad`` on each layer's
-  adapters (selected on, others off) before every forward, and keeps the
-  inputs of the last training forward as the probe batch;
-* **backward cut**: a forward pre-hook on the lowest selected block replaces
-  its hidden-state input by a detached tensor, so backward never runs below
-  it, even when that input requires grad (``enable_input_require_grads``,
-  gradient checkpointing). Nothing below the lowest selected block has a
-  gradient to compute, so the selected adapters' gradients are unchanged.
-  Under reentrant checkpointing the block's input must require grad or its
-  parameters get no gradient, so there the cut makes it a leaf that does;
-  elsewhere a plain detach avoids computing an unneeded input gradient;
-* **selective checkpointing** (opt-in): blocks above the lowest selected one
-  that are not selected themselves only pass gradients through, so their
-  forward runs under non-reentrant ``torch.utils.checkpoint``: they keep their
-  input instead of all their activations, for one extra forward in backward.
+* **selection**: each layer's parameters get ``requires_grad`` on when the
+  layer is selected and off otherwise, re-applied before every forward of the
+  model. Only parameters that were trainable when IST was built are ever
+  touched, and :meth:`~ModelHooks.remove` restores the flags found then;
+* **probe batch**: the inputs of the last training forward of the model
+  (train mode, grad enabled) are kept for the probe passes, without
+  arguments that only change how the caller scales the loss
+  (HF ``Trainer``'s ``num_items_in_batch``);
+* **backward cut**: at the first *call* of a selected block in a training
+  forward, the block's hidden-state input is replaced by a detached tensor,
+  so backward stops there. That is exact only when nothing upstream needs a
+  gradient, so it is decided per forward from the autograd graph of that
+  input: if it reaches a trainable parameter, a tensor the caller passed in
+  that requires grad, or (with trainable parameters outside the selected
+  layers) a reentrant checkpoint whose insides autograd cannot show, the cut
+  is skipped and the reason kept in :attr:`~ModelHooks.cut_skip_reason`.
+  Repeated calls of a block in one forward are never cut. Checkpointed
+  blocks are recomputed in backward; the recompute cuts exactly where the
+  forward did (non-reentrant: the same input tensor, marked; reentrant: the
+  first pass runs without grad, so the decision is recorded there and the
+  recompute makes the cut input a leaf that requires grad, without which the
+  block's parameters would get no gradient). HF transformers >= 5 checkpoints
+  a block's ``forward`` after its hooks: there the cut itself is made a leaf
+  that requires grad under reentrant checkpointing, for the same reason;
+* **selective checkpointing** (opt-in): unselected blocks that only pass
+  gradients through (an input requires grad) run under non-reentrant
+  ``torch.utils.checkpoint``: they keep their inputs, not all their
+  activations, and recompute once in backward.
+
+A model can carry the hooks of one live IST only. The hooks hold their
+optimizer weakly: when it is gone (deleted, or the model was deep-copied
+without it) they restore the flags and remove themselves.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +51,18 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import LayerMap
 
-__all__ = ["ModelHooks"]
+__all__ = ["ModelHooks", "detach_existing_hooks"]
+
+# Keyword arguments that only tell the model how the caller scales its loss
+# (HF Trainer divides by the token count of the whole accumulated batch); the
+# probe losses must be the mean loss of the batch, whatever the caller adds.
+CALLER_ONLY_KWARGS = ("num_items_in_batch",)
+
+# Backward node of torch.utils.checkpoint(use_reentrant=True): the parameters
+# used inside it are invisible in the graph until it recomputes in backward.
+_OPAQUE_NODES = ("CheckpointFunctionBackward",)
+
+_CUT_MARK = "_ist_cut_block"  # set on a block input that was cut, for the non-reentrant recompute
 
 
 def _hidden_state(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | int | None]:
@@ -42,6 +72,23 @@ def _hidden_state(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str |
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return kwargs["hidden_states"], "hidden_states"
     return None, None
+
+
+def _replace_hidden(args: tuple, kwargs: dict, where: str | int, value: torch.Tensor) -> tuple[tuple, dict]:
+    if where == 0:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 def _is_kv_cache(value: Any) -> bool:
@@ -58,25 +105,67 @@ def _uses_reentrant_checkpointing(block: nn.Module) -> bool:
     return keywords.get("use_reentrant", True) is not False
 
 
+def _storage_key(index: int, tensor: torch.Tensor) -> tuple:
+    """Identifies a block input across reentrant checkpointing's detach (same memory, new tensor)."""
+    return index, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
+
+
+def detach_existing_hooks(model: nn.Module) -> int:
+    """Remove the hooks of any earlier IST found on ``model`` or its submodules; returns how many."""
+    found: dict[int, ModelHooks] = {}
+    for module in model.modules():
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            owner = getattr(getattr(hook, "func", hook), "__self__", None)
+            if isinstance(owner, ModelHooks):
+                found[id(owner)] = owner
+        forward = module.__dict__.get("forward")
+        owner = getattr(getattr(forward, "func", None), "__self__", None)
+        if isinstance(owner, ModelHooks):
+            found[id(owner)] = owner
+    for hooks in found.values():
+        hooks.remove()
+    return len(found)
+
+
+@dataclass
+class _Forward:
+    """Book-keeping of one training forward of the model."""
+
+    inputs: tuple[tuple, dict]
+    calls: dict[int, int] = field(default_factory=dict)  # block index -> calls so far
+    selected_seen: bool = False
+    needed: dict[int, str] | None = None  # id -> description of tensors whose gradient is needed
+
+
 class ModelHooks:
     """The hooks one IST optimizer installs on its model.
 
     Args:
         model: the model whose forward the user calls.
         layer_map: the layers (from :func:`~ist_optim.discover_layers`).
-        backward_cut: cut backward at the lowest selected block; ``None``: when
+        owner: the optimizer these hooks serve (held weakly).
+        backward_cut: cut backward at the first selected block; ``None``: when
             the layers are modules (not with ``layer_of`` grouping).
-        checkpoint_unselected: recompute unselected blocks above the lowest
-            selected one in backward instead of storing their activations.
+        checkpoint_unselected: recompute unselected blocks that pass gradients
+            through in backward instead of storing their activations.
 
     Attributes:
         probe_batch: ``(args, kwargs)`` of the last training forward, or ``None``.
         probing: set while probe passes run (the hooks then do nothing).
-        cut_count: forwards in which the backward cut was applied (for tests and reports).
+        cut_count: training forwards in which backward was cut.
+        cut_skip_count: training forwards in which a cut was possible but not exact, so skipped.
+        cut_skip_reason: why the last cut was skipped (``None`` if never).
+        removed: the hooks were removed; they do nothing any more.
     """
 
     def __init__(
-        self, model: nn.Module, layer_map: LayerMap, *, backward_cut: bool | None, checkpoint_unselected: bool
+        self,
+        model: nn.Module,
+        layer_map: LayerMap,
+        *,
+        owner: object,
+        backward_cut: bool | None,
+        checkpoint_unselected: bool,
     ):
         self.model = model
         self.layer_map = layer_map
@@ -92,104 +181,218 @@ class ModelHooks:
         self.checkpoint_unselected = checkpoint_unselected
         self.probe_batch: tuple[tuple, dict] | None = None
         self.probing = False
+        self.removed = False
         self.cut_count = 0
+        self.cut_skip_count = 0
+        self.cut_skip_reason: str | None = None
+        self.output_check: Any = None  # called once with the output of the first training forward
+        self._owner: weakref.ref | None = weakref.ref(owner)
+        self._found_flags = [(p, p.requires_grad) for params in layer_map.params for p in params]
         self._flags: list[bool] = [False] * len(layer_map)
-        self._lowest = 0
-        self._upstream_checked = False
-        self._upstream_order: list[str] = []
-        self._upstream_trace: list[Any] = []
-        self._upstream_warned = False
-        self._handles = [model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True)]
+        self._selected_ids: set[int] = set()
+        self._forwards: list[_Forward | None] = []  # one entry per model call in progress
+        self._reentrant_cuts: dict[tuple, bool] = {}
+
+        self._handles = [
+            model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_model_forward, always_call=True),
+        ]
         if backward_cut:
             for index, block in enumerate(self.blocks):
                 hook = functools.partial(self._before_block_forward, index)
                 self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-        self._patched_forwards: list[nn.Module] = []
+        self._patched_forwards: list[tuple[nn.Module, Any, Any]] = []  # (block, ours, the one we replaced)
         if checkpoint_unselected:
             for index, block in enumerate(self.blocks):
-                block.forward = functools.partial(self._block_forward, index, block.forward)
-                self._patched_forwards.append(block)
+                previous = block.__dict__.get("forward")
+                ours = functools.partial(self._block_forward, index, block.forward)
+                block.forward = ours
+                self._patched_forwards.append((block, ours, previous))
+
+    # ------------------------------------------------------------------ ownership
+    def attach(self, owner: object) -> None:
+        """Serve ``owner`` (after the optimizer was deep-copied or unpickled with these hooks)."""
+        self._owner = weakref.ref(owner)
+
+    def _is_stale(self) -> bool:
+        owner = self._owner() if self._owner is not None else None
+        return owner is None or getattr(owner, "hooks", None) is not self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_owner"] = None  # a weakref cannot be pickled; the optimizer re-attaches on load
+        return state
+
+    def __deepcopy__(self, memo: dict) -> ModelHooks:
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        owner = self._owner() if self._owner is not None else None
+        if owner is None or id(owner) not in memo:
+            # The model was copied without its optimizer: the copy must train as a
+            # plain model. Its hook handles are removed at its first forward (its
+            # hook dicts are still being copied now).
+            new._restore_flags()
+            new.removed = True
+        return new
 
     # ------------------------------------------------------------------ selection
     def set_selection(self, flags: list[bool]) -> None:
         """``flags[i]``: layer ``i`` trains in the coming step."""
         self._flags = list(flags)
-        self._lowest = flags.index(True) if any(flags) else len(flags)
+        self._selected_ids = {id(p) for train, params in zip(flags, self.layer_map.params) if train for p in params}
+        self._reentrant_cuts.clear()  # recomputes of earlier steps' forwards are over
+        if not self.removed:
+            self._apply_flags()
 
-    def _training_forward(self) -> bool:
-        return not self.probing and self.model.training and torch.is_grad_enabled()
-
-    def _before_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.probing:
-            return
-        # Re-applied every forward: holds even if peft or the user reset requires_grad.
+    def _apply_flags(self) -> None:
         for train, params in zip(self._flags, self.layer_map.params):
             for p in params:
                 if p.requires_grad != train:
                     p.requires_grad_(train)
-        if self._training_forward():
+
+    def _restore_flags(self) -> None:
+        for p, flag in self._found_flags:
+            p.requires_grad_(flag)
+
+    def _in_training_forward(self) -> _Forward | None:
+        return self._forwards[-1] if self._forwards else None
+
+    def _before_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.removed:
+            self._remove_handles()
+            return
+        if self._is_stale():
+            warnings.warn(
+                "IST: this model carries the hooks of an IST optimizer that no longer exists (it was deleted, or "
+                "the model was copied without it); removed them and restored requires_grad",
+                stacklevel=2,
+            )
+            self.remove()
+            return
+        training = not self.probing and module.training and torch.is_grad_enabled()
+        if not self.probing:
+            # Re-applied every forward: holds even if peft or the user reset requires_grad.
+            self._apply_flags()
+        if training:
+            kwargs = {k: v for k, v in kwargs.items() if k not in CALLER_ONLY_KWARGS}
             self.probe_batch = (args, kwargs)
-            if self.backward_cut and not self._upstream_checked:
-                self._check_nothing_trains_upstream(module)
+        self._forwards.append(_Forward((args, kwargs)) if training else None)
+
+    def _after_model_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._forwards:
+            forward = self._forwards.pop()
+            if forward is not None and self.output_check is not None:
+                check, self.output_check = self.output_check, None
+                check(output)
 
     # ------------------------------------------------------------------ backward cut
-    def _check_nothing_trains_upstream(self, model: nn.Module) -> None:
-        """Turn the cut off if a trainable parameter outside the layers runs before the first block.
-
-        Decided once, on the first training forward, from the order modules run in.
-        """
-        self._upstream_checked = True
-        other = {id(p) for p in self.layer_map.other_params}
-        if not other:
-            return
-        owners = [m for m in model.modules() if any(id(p) in other for p in m.parameters(recurse=False))]
-        order: list[str] = []
-        first_block = self.blocks[0]
-        handles = [m.register_forward_pre_hook(lambda mod, args: order.append("other")) for m in owners]
-
-        def first_block_seen(mod: nn.Module, args: Any) -> None:
-            order.append("block")
-            for handle in handles:  # later calls do not matter
-                handle.remove()
-
-        handles.append(first_block.register_forward_pre_hook(first_block_seen))
-        self._upstream_trace = handles  # removed at the first block, or in remove()
-        self._upstream_order = order
-
-    def _upstream_trains(self) -> bool:
-        return bool(self._upstream_order) and self._upstream_order[0] == "other"
-
     def _before_block_forward(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if index != self._lowest or not self._training_forward():
+        if self.removed or self.probing:
             return None
+        forward = self._in_training_forward()
+        if forward is None:
+            if torch.is_grad_enabled() and block.training:
+                return self._replay_cut(index, args, kwargs)  # a checkpointed block recomputing in backward
+            return None
+        forward.calls[index] = forward.calls.get(index, 0) + 1
         hidden, where = _hidden_state(args, kwargs)
-        if hidden is None or not hidden.requires_grad:
+        first_selected = self._flags[index] and not forward.selected_seen
+        if self._flags[index]:
+            forward.selected_seen = True
+        if hidden is not None and not torch.is_grad_enabled():
+            self._reentrant_cuts.pop(_storage_key(index, hidden), None)  # a stale decision for this memory
+        if not first_selected or hidden is None or not hidden.requires_grad:
+            return None  # nothing to cut: no gradient flows back through this input
+        reason = self._upstream_needs_grad(forward, hidden)
+        if reason is not None:
+            self._skip_cut(index, reason)
             return None
-        if self._upstream_trains():
-            if not self._upstream_warned:
-                self._upstream_warned = True
-                warnings.warn(
-                    "IST: trainable parameters outside the layers run before the first block (e.g. a trained "
-                    "embedding); backward must reach them, so the backward cut is off",
-                    stacklevel=2,
-                )
+        self.cut_count += 1
+        if not torch.is_grad_enabled():
+            # First pass of reentrant checkpointing (no graph is built here): cut when it recomputes.
+            self._reentrant_cuts[_storage_key(index, hidden)] = True
             return None
+        setattr(hidden, _CUT_MARK, index)  # a non-reentrant recompute must cut the same way
         cut = hidden.detach()
         if _uses_reentrant_checkpointing(block):
+            # HF checkpoints the block's forward, after this hook: reentrant checkpointing gives
+            # the block's parameters gradients only if its input requires grad.
             cut.requires_grad_(True)
-        self.cut_count += 1
-        if where == 0:
-            return (cut, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": cut}
+        return _replace_hidden(args, kwargs, where, cut)
+
+    def _replay_cut(self, index: int, args: tuple, kwargs: dict) -> Any:
+        hidden, where = _hidden_state(args, kwargs)
+        if hidden is None:
+            return None
+        if getattr(hidden, _CUT_MARK, None) == index:  # non-reentrant: the very tensor the forward cut
+            return _replace_hidden(args, kwargs, where, hidden.detach())
+        if self._reentrant_cuts.get(_storage_key(index, hidden)):
+            # Reentrant: the block's parameters get gradients only if its input requires grad.
+            return _replace_hidden(args, kwargs, where, hidden.detach().requires_grad_(True))
+        return None
+
+    def _needed(self, forward: _Forward) -> dict[int, str]:
+        """Tensors whose gradient someone may read: trainable parameters and the caller's input leaves."""
+        if forward.needed is None:
+            needed = {id(p): f"parameter {name!r}" for name, p in self.model.named_parameters() if p.requires_grad}
+            for p in self.layer_map.other_params:
+                if p.requires_grad:
+                    needed.setdefault(id(p), "an optimizer parameter outside the layers")
+            for t in _tensors(forward.inputs):
+                if t.requires_grad and t.is_leaf:
+                    needed.setdefault(id(t), "a tensor passed to the model's forward that requires grad")
+            forward.needed = needed
+        return forward.needed
+
+    def _upstream_needs_grad(self, forward: _Forward, hidden: torch.Tensor) -> str | None:
+        """Why cutting backward at ``hidden`` would lose a gradient someone needs, or ``None`` if it would not."""
+        needed = self._needed(forward)
+        if hidden.grad_fn is None:
+            return needed.get(id(hidden))
+        hidden_trainable = any(pid not in self._selected_ids for pid in needed)
+        seen: set[Any] = set()
+        stack = [hidden.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None:
+                if id(variable) in needed:
+                    return needed[id(variable)]
+                continue
+            if hidden_trainable and type(node).__name__ in _OPAQUE_NODES:
+                return "a reentrant checkpoint (whose trainable parameters autograd cannot show until backward)"
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return None
+
+    def _skip_cut(self, index: int, reason: str) -> None:
+        self.cut_skip_count += 1
+        if self.cut_skip_reason is None:
+            name = self.layer_map.names[index]
+            warnings.warn(
+                f"IST: backward cut skipped at layer {name!r}: {reason} is upstream of it and needs a gradient, so "
+                "backward runs below it (exact, without the cut's savings); opt.memory_report() counts cut and "
+                "skipped forwards, opt.hooks.cut_skip_reason says why",
+                stacklevel=4,
+            )
+        self.cut_skip_reason = reason
 
     # ------------------------------------------------------------------ selective checkpointing
     def _block_forward(self, index: int, forward: Any, *args: Any, **kwargs: Any) -> Any:
         block = self.blocks[index]
         if (
-            index > self._lowest
+            not self.removed
             and not self._flags[index]
-            and self._training_forward()
+            and self._in_training_forward() is not None
+            and torch.is_grad_enabled()
             and not getattr(block, "gradient_checkpointing", False)  # HF already checkpoints it
+            and any(t.requires_grad for t in _tensors((args, kwargs)))  # it passes gradients through
         ):
             # As HF's own checkpointing does: a KV cache would be written twice
             # (forward and recompute), and training never reads it.
@@ -202,13 +405,21 @@ class ModelHooks:
 
     # ------------------------------------------------------------------ teardown
     def remove(self) -> None:
-        """Remove every hook and patched forward; make every adapter trainable again."""
-        for handle in self._handles + self._upstream_trace:
+        """Remove every hook and patched forward; restore the ``requires_grad`` flags found at construction."""
+        if not self.removed:
+            self._restore_flags()
+        self.removed = True
+        self._remove_handles()
+
+    def _remove_handles(self) -> None:
+        for handle in self._handles:
             handle.remove()
         self._handles = []
-        for block in self._patched_forwards:
-            del block.forward  # back to the class's forward
+        for block, ours, previous in self._patched_forwards:
+            if block.__dict__.get("forward") is ours:
+                if previous is None:
+                    del block.forward  # back to the class's forward
+                else:
+                    block.forward = previous
+            # else something patched over ours since; ours is a pass-through now (removed=True)
         self._patched_forwards = []
-        for params in self.layer_map.params:
-            for p in params:
-                p.requires_grad_(True)

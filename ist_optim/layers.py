@@ -1,15 +1,23 @@
 """Layer discovery: which trainable parameters belong to which transformer block.
 
-No class-name map: the blocks are the children of the outermost
-``nn.ModuleList`` (or lists, e.g. an encoder and a decoder stack) whose
-children hold trainable parameters. That covers LLaMA-style ``model.layers``,
-GPT-2 ``transformer.h``, BERT ``encoder.layer``, ``blocks`` and users' own
-models; ``layers=`` or ``layer_of=`` override it.
+No class-name map: the layers are the blocks of the model's *stack(s)*, the
+``nn.ModuleList`` or ``nn.Sequential`` containers with at least two children
+holding trainable parameters. Containers inside another stack's blocks are
+parts of a block (attention heads, experts) and are skipped; of the outermost
+stacks, those at least half as long as the longest are kept (an encoder and
+a decoder, a vision and a language tower), which leaves out short lists such
+as a few task heads. In an ``nn.Sequential`` only the children of its most
+common class are blocks (an embedding or head kept in the same Sequential is
+not). That covers LLaMA-style ``model.layers``, GPT-2 ``transformer.h``, BERT
+``encoder.layer``, T5 encoder and decoder, ViT, nanoGPT-style
+``nn.Sequential`` blocks and users' own models. ``opt.layer_names`` says what
+was chosen; ``layers=`` or ``layer_of=`` override it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +60,7 @@ def discover_layers(
     model: nn.Module,
     optimizer_params: Sequence[torch.Tensor],
     *,
-    layers: nn.ModuleList | Sequence[nn.Module] | None = None,
+    layers: nn.ModuleList | nn.Sequential | Sequence[nn.Module] | None = None,
     layer_of: Callable[[str], int | None] | None = None,
 ) -> LayerMap:
     """Group ``optimizer_params`` by the block of ``model`` that holds them.
@@ -95,17 +103,19 @@ def discover_layers(
         searched = "the indices returned by layer_of"
     else:
         if layers is not None:
-            if isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList):
-                raise TypeError("layers must be an nn.ModuleList or a list of modules, not a single module")
+            if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+                raise TypeError(
+                    "layers must be an nn.ModuleList, an nn.Sequential or a list of modules, not a single module"
+                )
             candidates = list(layers)
             for block in candidates:
                 if not isinstance(block, nn.Module):
                     raise TypeError(f"layers must hold nn.Module objects, but got {type(block).__name__}")
             searched = f"the {len(candidates)} modules passed as layers="
         else:
-            candidates, lists = _outermost_block_lists(model, wanted)
+            candidates, lists = _stack_blocks(model, wanted)
             searched = (
-                f"{len(lists)} nn.ModuleList(s) of {type(model).__name__}"
+                f"{len(lists)} nn.ModuleList/nn.Sequential container(s) of {type(model).__name__}"
                 + (f" ({', '.join(lists[:6])}{', ...' if len(lists) > 6 else ''})" if lists else "")
             )
         groups, names, modules = [], [], []
@@ -129,16 +139,40 @@ def discover_layers(
     return LayerMap(names=names, modules=modules, params=groups, other_params=other)
 
 
-def _outermost_block_lists(model: nn.Module, wanted: set[int]) -> tuple[list[nn.Module], list[str]]:
-    """Children of the outermost ``ModuleList``s holding wanted params, and all lists' names."""
-    all_lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    holding = [
-        (name, m) for name, m in all_lists if any(id(p) in wanted for p in m.parameters())
-    ]
-    outermost = [
-        (name, m)
-        for name, m in holding
-        if not any(other is not m and name.startswith(other_name + ".") for other_name, other in holding)
-    ]
-    blocks = [child for _, m in outermost for child in m]
-    return blocks, [name or "<root>" for name, _ in all_lists]
+def _stack_blocks(model: nn.Module, wanted: set[int]) -> tuple[list[nn.Module], list[str]]:
+    """The blocks of the model's outermost stacks (see the module docstring), and every container's name."""
+    containers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+
+    def holding(container: nn.Module) -> list[nn.Module]:
+        children = [c for c in container.children() if any(id(p) in wanted for p in c.parameters())]
+        if isinstance(container, nn.Sequential) and children:
+            counts = Counter(type(c) for c in children)
+            common = max(counts, key=lambda cls: counts[cls])  # first seen wins a tie
+            children = [c for c in children if type(c) is common]
+        return children
+
+    for min_blocks in (2, 1):  # a one-block model (e.g. ALBERT's shared group) still has a layer
+        stacks = [(name, m, holding(m)) for name, m in containers]
+        stacks = [(name, m, blocks) for name, m, blocks in stacks if len(blocks) >= min_blocks]
+        outermost = [
+            (name, m, blocks)
+            for name, m, blocks in stacks
+            if not any(other is not m and _inside(name, other_name) for other_name, other, _ in stacks)
+        ]
+        if any(_is_composite(blocks) for _, _, blocks in outermost):  # blocks, not a list of bare layers (heads)
+            outermost = [stack for stack in outermost if _is_composite(stack[2])]
+        if outermost:
+            longest = max(len(blocks) for _, _, blocks in outermost)
+            kept = [blocks for _, _, blocks in outermost if 2 * len(blocks) >= longest]
+            return [block for blocks in kept for block in blocks], [name or "<root>" for name, _ in containers]
+    return [], [name or "<root>" for name, _ in containers]
+
+
+def _is_composite(blocks: list[nn.Module]) -> bool:
+    """Blocks built of submodules (transformer blocks, peft-wrapped layers), not bare ``nn.Linear`` and the like."""
+    return any(next(block.children(), None) is not None for block in blocks)
+
+
+def _inside(name: str, container_name: str) -> bool:
+    """``name`` is a module below ``container_name`` (the root module's name is ``""``)."""
+    return container_name == "" or name.startswith(container_name + ".")

@@ -24,19 +24,24 @@ How a step flows:
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim import optimizer as torch_optimizer
 
 from .eviction import STATE_POLICIES, StateEvictor
-from .hooks import ModelHooks
+from .hooks import ModelHooks, detach_existing_hooks
+from .kernels import use_triton
 from .layers import LayerMap, discover_layers
-from .probes import PROBE_MODES, LossFn, probe_losses
-from .scheduler import ImportanceScheduler
+from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
+from .scheduler import ImportanceScheduler, as_int
 from .suppression import KERNEL_CHOICES, find_adapter_modules
 
 __all__ = ["IST", "ISTAdamW"]
@@ -123,16 +128,9 @@ class IST(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
         if isinstance(optimizer, IST):
             raise TypeError("optimizer is already an IST wrapper; wrap the inner optimizer once")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
-        for hook in model._forward_pre_hooks.values():
-            if isinstance(getattr(hook, "__self__", None), ModelHooks):
-                # Two wrappers would fight over requires_grad (and the first one's
-                # selection already froze adapters this one would not see).
-                raise ValueError("model already has an IST optimizer attached; call its remove_hooks() first")
-        if isinstance(probe_interval, bool) or not isinstance(probe_interval, int) or probe_interval < 0:
-            raise ValueError(f"Invalid probe_interval: {probe_interval} (need an int >= 0; 0 disables probes)")
-        if isinstance(suppression, bool) or not isinstance(suppression, (int, float)) or not 0.0 <= suppression <= 1.0:
+        _check_model(model)
+        probe_interval = _check_int(probe_interval, "probe_interval", "an int >= 0; 0 disables probes")
+        if isinstance(suppression, bool) or not isinstance(suppression, numbers.Real) or not 0.0 <= suppression <= 1.0:
             raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
         if probe_mode not in PROBE_MODES:
             raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
@@ -145,9 +143,37 @@ class IST(Optimizer):
         for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
             if not isinstance(flag, bool) and not (name == "backward_cut" and flag is None):
                 raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
+        probes_enabled = _check_int(num_probes, "num_probes", "an int >= 0") > 0 and probe_interval > 0
+        if probes_enabled and suppression == 1.0:
+            raise ValueError(
+                "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
+                "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
+            )
+        if probes_enabled and probe_mode == "batched" and loss_fn is None and hf_causal_lm_loss(model) is None:
+            raise ValueError(
+                "probe_mode='batched' needs per-candidate losses: pass loss_fn=(output, *args, **kwargs) -> scalar, "
+                "or use an HF causal LM (its loss_function is applied per candidate), or probe_mode='sequential'"
+            )
 
+        # An earlier IST's hooks (a re-run notebook cell, a deleted optimizer, a
+        # deep-copied model) would fight over requires_grad and have frozen
+        # adapters this one must see as trainable: replace them.
+        if detach_existing_hooks(model):
+            warnings.warn(
+                "IST: the model already carried an IST optimizer's hooks; removed them (the earlier optimizer no "
+                "longer trains this model) and restored the requires_grad flags they found",
+                stacklevel=2,
+            )
+        # Only parameters trainable now are ever toggled: frozen weights in the
+        # optimizer (e.g. model.parameters() of a peft model) stay frozen.
         optimizer_params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.layer_map: LayerMap = discover_layers(model, optimizer_params, layers=layers, layer_of=layer_of)
+        trainable = [p for p in optimizer_params if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "none of the optimizer's parameters requires grad; add adapters (e.g. peft.get_peft_model) "
+                "before building the optimizer"
+            )
+        self.layer_map: LayerMap = discover_layers(model, trainable, layers=layers, layer_of=layer_of)
         self.scheduler = ImportanceScheduler(
             len(self.layer_map),
             active_layers=active_layers,
@@ -157,7 +183,7 @@ class IST(Optimizer):
             rule=rule,
             seed=seed,
         )
-        self.probes_enabled = num_probes > 0 and probe_interval > 0
+        self.probes_enabled = probes_enabled
         self.adapters = find_adapter_modules(model, self.layer_map.params)
         if self.probes_enabled:
             missing = [name for name, mods in zip(self.layer_map.names, self.adapters) if not mods]
@@ -166,6 +192,11 @@ class IST(Optimizer):
                     f"probes need adapter modules (a module with a base_layer, as peft's) in every layer, but "
                     f"{len(missing)} layer(s) have none: {missing[:4]}; set num_probes=0 to train without "
                     "the importance loop"
+                )
+            if kernels == "triton" and not use_triton(self.layer_map.params[0][0], forced=True):
+                raise ValueError(
+                    "kernels='triton' needs Triton and the model on CUDA (or TRITON_INTERPRET=1 set before "
+                    "importing on CPU); use kernels='auto'"
                 )
 
         # Optimizer.__init__ sets up the hook registries and the step patch;
@@ -176,12 +207,14 @@ class IST(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.model = model
+        # GradScaler hands grad_scale/found_inf to optimizers that unscale in their step (fused AdamW).
+        self._step_supports_amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
         if state_policy == "auto":
             state_policy = "offload" if any(p.is_cuda for p in optimizer_params) else "keep"
         self.options = dict(
             active_layers=active_layers,
             probe_layers=probe_layers,
-            num_probes=num_probes,
+            num_probes=int(num_probes),
             probe_interval=probe_interval,
             suppression=float(suppression),
             importance_lr=float(importance_lr),
@@ -191,17 +224,23 @@ class IST(Optimizer):
             state_policy=state_policy,
             backward_cut=backward_cut,
             checkpoint_unselected=checkpoint_unselected,
-            seed=seed,
+            seed=int(seed),
         )
+        for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
+            value = self.options[key]
+            self.options[key] = int(value) if as_int(value) is not None else float(value)
         self.loss_fn = loss_fn
         self.num_steps = 0
-        self.num_probe_updates_missed = 0  # probe rounds with no batch seen yet
+        self.num_probe_updates_missed = 0  # probe rounds with no batch, or no loss, to probe with
         self.evictor = StateEvictor(optimizer, self.layer_map.params, state_policy)
         self.hooks = ModelHooks(
-            model, self.layer_map, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected
+            model, self.layer_map, owner=self, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected
         )
+        if self.probes_enabled and loss_fn is None:
+            self.hooks.output_check = _require_loss_field
         self.options["backward_cut"] = self.hooks.backward_cut  # None resolved
         self._set_selection(self.scheduler.sample_active())
+        _remove_hooks_when_collected(self)
 
     # ------------------------------------------------------------------ selection
     @property
@@ -222,27 +261,41 @@ class IST(Optimizer):
         self.evictor.apply(flags)
 
     def remove_hooks(self) -> None:
-        """Remove every hook IST put on the model and make every adapter trainable again."""
+        """Remove every hook IST put on the model and restore the ``requires_grad`` flags it found.
+
+        The optimizer cannot step afterwards (build a plain one, or a new IST).
+        """
         self.hooks.remove()
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes of optimizer state on the parameters' device and on host, and of gradients.
+        """Bytes of optimizer state on the parameters' device and on host, and of gradients; backward-cut counts.
 
         Returns:
-            ``{"optimizer_state_device_bytes", "optimizer_state_host_bytes", "grad_bytes"}``.
+            ``{"optimizer_state_device_bytes", "optimizer_state_host_bytes", "grad_bytes",
+            "backward_cuts", "backward_cuts_skipped"}``: the last two count training forwards in which
+            backward was cut, and in which a cut would not have been exact and was skipped (the reason
+            is in ``opt.hooks.cut_skip_reason``).
         """
         params = [p for group in self.param_groups for p in group["params"]]
-        return self.evictor.memory_report(params)
+        report = self.evictor.memory_report(params)
+        report["backward_cuts"] = self.hooks.cut_count
+        report["backward_cuts_skipped"] = self.hooks.cut_skip_count
+        return report
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step on the selected layers, then (every ``probe_interval``) an importance update.
 
-        ``closure`` is called once with grad enabled, as in torch; on probe
-        steps it is also called under ``torch.no_grad()`` for each candidate
-        and its return value used as the probe loss, so a closure that calls
-        ``backward()`` should do so only ``if torch.is_grad_enabled()``.
+        ``closure`` is called once with grad enabled, as in torch (e.g.
+        ``zero_grad(); loss = model(...); loss.backward(); return loss``). The
+        probe passes never call it: they rerun the model on the inputs of its
+        last training forward (the closure's, here).
         """
+        if self.hooks.removed:
+            raise RuntimeError(
+                "this IST optimizer's hooks were removed (remove_hooks(), or a newer IST built on the same model); "
+                "it no longer controls which layers train, so it cannot step"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -251,22 +304,23 @@ class IST(Optimizer):
             if not train:
                 for p in params:
                     p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
-        self.optimizer.step()
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler when the step unscales itself
+        with _forward_amp_scaling(self, self.optimizer), _global_step_hooks_suspended():
+            self.optimizer.step()  # the global step hooks fired once already, for this optimizer
+        if found_inf is not None and bool(found_inf.sum() > 0):
+            return loss  # the fused step skipped itself on inf/NaN gradients; so does the selection, as without fusion
         self.num_steps += 1
         if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
-            self._update_importance(closure)
+            self._update_importance()
         self._set_selection(self.scheduler.sample_active())
         return loss
 
-    def _update_importance(self, closure: Callable[[], Any] | None) -> None:
-        if closure is None and self.hooks.probe_batch is None:
-            self.num_probe_updates_missed += 1
-            if self.num_probe_updates_missed == 1:
-                warnings.warn(
-                    "IST: no training forward of the model was seen before step(), so there is no probe batch; "
-                    "importance is not updated (call the model you passed to IST, or use step(closure))",
-                    stacklevel=3,
-                )
+    def _update_importance(self) -> None:
+        if self.hooks.probe_batch is None:
+            self._skip_probe_round(
+                "no training forward of the model was seen before step(), so there is no probe batch "
+                "(call the model you passed to IST in train mode with grad enabled)"
+            )
             return
         kept = self.scheduler.sample_candidates()  # (N_c, L)
         beta = torch.where(kept, 1.0, self.options["suppression"]).double()
@@ -277,14 +331,22 @@ class IST(Optimizer):
                 self.adapters,
                 beta,
                 batch=self.hooks.probe_batch,
-                closure=closure,
                 loss_fn=self.loss_fn,
                 mode=self.options["probe_mode"],
                 kernels=self.options["kernels"],
             )
+        except ProbeLossMissing as error:
+            # e.g. HF Trainer removes labels for label_smoothing_factor / compute_loss_func.
+            self._skip_probe_round(str(error))
+            return
         finally:
             self.hooks.probing = False
         self.scheduler.update(kept, losses)
+
+    def _skip_probe_round(self, why: str) -> None:
+        self.num_probe_updates_missed += 1
+        if self.num_probe_updates_missed == 1:
+            warnings.warn(f"IST: importance is not updated: {why}", stacklevel=4)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -297,11 +359,14 @@ class IST(Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus the IST state under ``"ist"``.
+        """The wrapped optimizer's state dict plus the IST state (and options) under ``"ist"``.
 
         Only tensors, numbers, strings, lists and dicts: loads with
-        ``torch.load(weights_only=True)`` (as HF ``Trainer`` does).
+        ``torch.load(weights_only=True)`` (as HF ``Trainer`` does). State-dict
+        hooks registered on this optimizer run as in torch.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self.evictor.synchronize()  # offloaded copies may still be in flight
         state_dict = self.optimizer.state_dict()
         state_dict[_STATE_KEY] = {
@@ -309,12 +374,44 @@ class IST(Optimizer):
             "num_steps": self.num_steps,
             "num_probe_updates_missed": self.num_probe_updates_missed,
             "layer_names": self.layer_names,
+            "options": {k: v for k, v in self.options.items() if k in _CHECKPOINTED_OPTIONS},
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain one of the wrapped optimizer, with a warning).
+
+        The ``"ist"`` entry is checked before anything is loaded: a checkpoint of
+        other layers raises and leaves this optimizer unchanged. Options that
+        differ from the checkpoint's are reported in a warning (this optimizer's win).
+        """
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         ist_state = state_dict.pop(_STATE_KEY, None)
+        if ist_state is not None:
+            if list(ist_state["layer_names"]) != self.layer_names:
+                raise ValueError(
+                    f"checkpoint is for {len(ist_state['layer_names'])} layers {list(ist_state['layer_names'])[:3]}..., "
+                    f"this optimizer has {len(self.layer_names)} layers {self.layer_names[:3]}..."
+                )
+            self.scheduler.check_state_dict(ist_state["scheduler"])
+            saved = ist_state.get("options", {})
+            # (seed only seeds the generator at construction; the loaded generator state replaces it)
+            differ = {
+                k: (saved[k], self.options[k])
+                for k in saved
+                if k != "seed" and k in self.options and saved[k] != self.options[k]
+            }
+            if differ:
+                listed = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differ.items())
+                warnings.warn(f"IST.load_state_dict: options differ from the checkpoint's ({listed})", stacklevel=2)
         self.optimizer.load_state_dict(state_dict)
         # Optimizer.load_state_dict rebinds the inner lists: share them again.
         self.param_groups = self.optimizer.param_groups
@@ -326,30 +423,101 @@ class IST(Optimizer):
                 "IST.load_state_dict: no 'ist' entry (a plain optimizer checkpoint?); importance starts afresh",
                 stacklevel=2,
             )
-            self._set_selection(self.scheduler.active)
-            return
-        if list(ist_state["layer_names"]) != self.layer_names:
-            raise ValueError(
-                f"checkpoint is for layers {ist_state['layer_names'][:3]}..., "
-                f"this optimizer has {self.layer_names[:3]}... ({len(self.layer_names)} layers)"
-            )
-        self.scheduler.load_state_dict(ist_state["scheduler"])
-        self.num_steps = int(ist_state["num_steps"])
-        self.num_probe_updates_missed = int(ist_state["num_probe_updates_missed"])
+        else:
+            self.scheduler.load_state_dict(ist_state["scheduler"])
+            self.num_steps = int(ist_state["num_steps"])
+            self.num_probe_updates_missed = int(ist_state["num_probe_updates_missed"])
         self._set_selection(self.scheduler.active)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The base class keeps only defaults/state/param_groups; a wrapper needs all of itself.
-        return dict(self.__dict__)
+        # The base class keeps only defaults/state/param_groups; a wrapper needs all of itself,
+        # less what others patched onto the instance (an LR scheduler's step wrapper refers to
+        # this very object and cannot be pickled).
+        state = dict(self.__dict__)
+        state.pop("step", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         super().__setstate__({})
+        self.hooks.attach(self)  # a copy's hooks serve the copy
+        _remove_hooks_when_collected(self)
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
+
+
+_CHECKPOINTED_OPTIONS = (
+    "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule",
+    "probe_mode", "state_policy", "backward_cut", "checkpoint_unselected", "seed",
+)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        raise TypeError(
+            "model is a torch.compile'd module; IST changes requires_grad every step, which compiled graphs "
+            "guard on. Pass the uncompiled module (model._orig_mod) to IST"
+        )
+
+
+def _check_int(value: Any, name: str, need: str) -> int:
+    count = as_int(value)
+    if count is None or count < 0:
+        raise ValueError(f"Invalid {name}: {value} (need {need})")
+    return count
+
+
+def _require_loss_field(output: Any) -> None:
+    """The first training forward's output must carry a loss for the probe passes."""
+    if not has_loss_field(output):
+        raise TypeError(
+            f"IST: the model returned {type(output).__name__}, which has no .loss for the probe passes; pass "
+            "loss_fn=(output, *args, **kwargs) -> scalar to IST (it receives this output and the forward's "
+            "inputs), or num_probes=0 to train without the importance loop"
+        )
+
+
+def _remove_hooks_when_collected(opt: IST) -> None:
+    """Once ``opt`` is gone, its model must train as a plain model again."""
+    finalizer = weakref.finalize(opt, ModelHooks.remove, opt.hooks)
+    finalizer.atexit = False
+
+
+@contextmanager
+def _forward_amp_scaling(wrapper: IST, inner: Optimizer) -> Iterator[None]:
+    """Hand GradScaler's ``grad_scale``/``found_inf`` (set on the wrapper) to the inner optimizer's step."""
+    names = [name for name in ("grad_scale", "found_inf") if name in wrapper.__dict__]
+    for name in names:
+        setattr(inner, name, wrapper.__dict__[name])
+    try:
+        yield
+    finally:
+        for name in names:
+            inner.__dict__.pop(name, None)
+
+
+@contextmanager
+def _global_step_hooks_suspended() -> Iterator[None]:
+    """Hooks from ``torch.optim.optimizer.register_optimizer_step_pre/post_hook`` fire once per step, for the wrapper."""
+    registries = (torch_optimizer._global_optimizer_pre_hooks, torch_optimizer._global_optimizer_post_hooks)
+    saved = [dict(registry) for registry in registries]
+    for registry in registries:
+        registry.clear()
+    try:
+        yield
+    finally:
+        for registry, hooks in zip(registries, saved):
+            added = dict(registry)  # registered during the step: keep them too
+            registry.clear()
+            registry.update(hooks)
+            registry.update(added)
 
 
 class ISTAdamW(IST):
@@ -381,9 +549,14 @@ class ISTAdamW(IST):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
         **ist_options: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, but got {type(model).__name__}")
+        _check_model(model)
         if params is None:
+            if detach_existing_hooks(model):  # before reading requires_grad: stale hooks froze some adapters
+                warnings.warn(
+                    "IST: the model already carried an IST optimizer's hooks; removed them (the earlier optimizer "
+                    "no longer trains this model) and restored the requires_grad flags they found",
+                    stacklevel=2,
+                )
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(

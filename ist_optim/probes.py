@@ -18,12 +18,16 @@ from torch import nn
 
 from .suppression import suppress
 
-__all__ = ["PROBE_MODES", "ProbeBatch", "probe_losses", "eval_mode"]
+__all__ = ["PROBE_MODES", "ProbeBatch", "ProbeLossMissing", "probe_losses", "eval_mode", "hf_causal_lm_loss"]
 
 PROBE_MODES = ("sequential", "batched")
 
 ProbeBatch = tuple[tuple[Any, ...], dict[str, Any]]
 LossFn = Callable[..., torch.Tensor]
+
+
+class ProbeLossMissing(RuntimeError):
+    """The probe forward returned an output whose ``loss`` is ``None`` (e.g. HF models called without labels)."""
 
 
 @contextmanager
@@ -68,6 +72,11 @@ def _loss_of(output: Any, batch: ProbeBatch, loss_fn: LossFn | None) -> torch.Te
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, dict):
         loss = output.get("loss")
+    if loss is None and has_loss_field(output):
+        raise ProbeLossMissing(
+            f"the probe forward returned {type(output).__name__} with loss=None (no labels in the batch?); pass "
+            "loss_fn=(output, *args, **kwargs) -> scalar to compute it"
+        )
     if not isinstance(loss, torch.Tensor):
         raise RuntimeError(
             f"probe forward returned {type(output).__name__} with no .loss; pass loss_fn=(output, *args, **kwargs) "
@@ -76,12 +85,30 @@ def _loss_of(output: Any, batch: ProbeBatch, loss_fn: LossFn | None) -> torch.Te
     return loss
 
 
-def _hf_causal_lm_loss(model: nn.Module) -> Callable[..., torch.Tensor] | None:
-    """The model's own ``loss_function(logits, labels, vocab_size)`` if it is an HF causal LM."""
+def has_loss_field(output: Any) -> bool:
+    """``output`` can carry a loss: an HF ``ModelOutput`` (or any object with ``.loss``) or a dict with ``"loss"``."""
+    return hasattr(output, "loss") or (isinstance(output, dict) and "loss" in output)
+
+
+def hf_causal_lm_loss(model: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """The model's own causal-LM ``loss_function(logits, labels, vocab_size)``, if it is an HF causal LM.
+
+    Recognised by the loss function itself (``ForCausalLMLoss``: GPT-2's
+    ``GPT2LMHeadModel`` as well as every ``*ForCausalLM``), not by class name.
+    """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_function = getattr(inner, "loss_function", None)
     vocab_size = getattr(getattr(inner, "config", None), "vocab_size", None)
-    if loss_function is None or vocab_size is None or not type(inner).__name__.endswith("ForCausalLM"):
+    if vocab_size is None:
+        return None
+    try:
+        loss_function = getattr(inner, "loss_function", None)
+    except Exception:  # a property that cannot resolve a loss for this model
+        return None
+    if getattr(loss_function, "__name__", None) != "ForCausalLMLoss" and not type(inner).__name__.endswith(
+        "ForCausalLM"
+    ):
+        return None
+    if loss_function is None:
         return None
     return lambda logits, labels: loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
 
@@ -142,11 +169,11 @@ def _batched_losses(
     args, kwargs = _map_rows(batch, lambda t: t.repeat(groups, *([1] * (t.dim() - 1))), rows)
     hf_loss = None
     if loss_fn is None:
-        hf_loss = _hf_causal_lm_loss(model)
+        hf_loss = hf_causal_lm_loss(model)
         if hf_loss is None or "labels" not in kwargs:
             raise RuntimeError(
                 "probe_mode='batched' needs per-candidate losses: pass loss_fn=(output, *args, **kwargs) -> scalar, "
-                "or use an HF *ForCausalLM model called with labels=, or probe_mode='sequential'"
+                "or use an HF causal LM called with labels=, or probe_mode='sequential'"
             )
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels")  # the model's own loss would mix the candidates

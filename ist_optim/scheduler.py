@@ -28,6 +28,8 @@ counts kept layers under ``"paper"`` and suppressed layers under
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
 
 import torch
@@ -41,21 +43,34 @@ RULES = ("reference", "paper")
 _MAX_DRAWS_PER_CANDIDATE = 64
 
 
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (``int``, numpy integers, 0-dim int tensors), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def resolve_layer_count(value: int | float, num_layers: int, name: str) -> int:
     """Turn an ``int`` count or a ``float`` fraction of ``num_layers`` into a count.
 
     A float ``f`` in ``(0, 1]`` gives ``max(1, floor(f * num_layers + 0.5))``;
     an int must lie in ``[1, num_layers]``. ``1`` means one layer, ``1.0`` all.
+    numpy integers and floats are accepted as ints and floats.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    count = as_int(value)
+    if count is None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be an int count or a float fraction, but got {type(value).__name__}")
-    if isinstance(value, float):
+    if count is None:
+        value = float(value)
         if not (0.0 < value <= 1.0) or math.isnan(value):
             raise ValueError(f"Invalid {name}: {value} (a float fraction must lie in (0, 1])")
         return max(1, math.floor(value * num_layers + 0.5))
-    if not 1 <= value <= num_layers:
-        raise ValueError(f"Invalid {name}: {value} (an int count must lie in [1, {num_layers}], the number of layers)")
-    return value
+    if not 1 <= count <= num_layers:
+        raise ValueError(f"Invalid {name}: {count} (an int count must lie in [1, {num_layers}], the number of layers)")
+    return count
 
 
 class ImportanceScheduler:
@@ -90,16 +105,21 @@ class ImportanceScheduler:
         rule: str = "reference",
         seed: int = 0,
     ) -> None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        if as_int(num_layers) is None or as_int(num_layers) < 1:
             raise ValueError(f"Invalid num_layers: {num_layers} (need a positive int)")
         if rule not in RULES:
             raise ValueError(f"Invalid rule: {rule!r} (expected one of {RULES})")
-        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 0:
+        if as_int(num_probes) is None or as_int(num_probes) < 0:
             raise ValueError(f"Invalid num_probes: {num_probes} (need an int >= 0)")
-        if not isinstance(importance_lr, (int, float)) or not importance_lr >= 0.0:
-            raise ValueError(f"Invalid importance_lr: {importance_lr} (need a float >= 0)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if (
+            isinstance(importance_lr, bool)
+            or not isinstance(importance_lr, numbers.Real)
+            or not 0.0 <= float(importance_lr) < math.inf
+        ):
+            raise ValueError(f"Invalid importance_lr: {importance_lr} (need a finite float >= 0)")
+        if as_int(seed) is None:
             raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
+        num_layers, num_probes, seed = as_int(num_layers), as_int(num_probes), as_int(seed)
 
         self.num_layers = num_layers
         self.num_active = resolve_layer_count(active_layers, num_layers, "active_layers")
@@ -233,13 +253,23 @@ class ImportanceScheduler:
             "rule": self.rule,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state_dict`` cannot be loaded into this scheduler (changes nothing)."""
+        missing = {"importance", "generator", "active", "num_updates", "num_skipped", "num_layers", "rule"}
+        missing -= set(state_dict)
+        if missing:
+            raise ValueError(f"scheduler state is missing {sorted(missing)}")
         if state_dict["num_layers"] != self.num_layers:
             raise ValueError(
                 f"loaded state is for {state_dict['num_layers']} layers, but this scheduler has {self.num_layers}"
             )
         if state_dict["rule"] != self.rule:
             raise ValueError(f"loaded state uses rule={state_dict['rule']!r}, but this scheduler uses {self.rule!r}")
+        if tuple(state_dict["importance"].shape) != (self.num_layers,):
+            raise ValueError(f"loaded importance has shape {tuple(state_dict['importance'].shape)}")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
         self.importance = state_dict["importance"].detach().to("cpu", torch.float32).clone()
         self.generator.set_state(state_dict["generator"].to("cpu"))
         self.active = [int(i) for i in state_dict["active"]]
