@@ -117,7 +117,37 @@ def state_equal(opt_a, opt_b):
 OPTIONS = dict(lr=1e-2, weight_decay=0.05, active_layers=1, probe_interval=3, importance_lr=100.0, seed=2)
 
 
-def test_offload_equals_keep_bit_for_bit_with_changing_selections():
+class HostCopy(torch.Tensor):
+    """Marks the evictor's host copies. On a CPU-only run offload copies CPU to CPU, so a missing restore
+    would not change the trajectory; here ``.to(device)`` returns a plain tensor, as a host-to-CUDA copy does."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {})).clone()
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def mark_host_copies(monkeypatch) -> None:
+    from ist_optim import eviction
+
+    to_host = eviction._to_host
+    monkeypatch.setattr(eviction, "_to_host", lambda tensor: to_host(tensor).as_subclass(HostCopy))
+
+
+def assert_state_is_resident_exactly_for_the_selected_layers(opt) -> None:
+    """The layers about to train step device tensors; the others' state lives in the evictor's host copies."""
+    assert opt.evictor.evicted == {i for i in range(len(opt.layer_map)) if i not in opt.active_layers}
+    for layer, params in enumerate(opt.layer_map.params):
+        for p in params:
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    assert isinstance(value, HostCopy) == (layer in opt.evictor.evicted), (layer, key)
+
+
+def test_offload_equals_keep_bit_for_bit_with_changing_selections(monkeypatch):
+    mark_host_copies(monkeypatch)
     model, reference = tiny_peft_llama(num_layers=4), tiny_peft_llama(num_layers=4)
     opt = ISTAdamW(model, state_policy="offload", **OPTIONS)
     ref_opt = ISTAdamW(reference, state_policy="keep", **OPTIONS)
@@ -127,7 +157,7 @@ def test_offload_equals_keep_bit_for_bit_with_changing_selections():
         train(model, opt, 1, seed=step)
         train(reference, ref_opt, 1, seed=step)
         assert opt.active_layers == ref_opt.active_layers
-        assert opt.evictor.evicted == {i for i in range(4) if i not in opt.active_layers}
+        assert_state_is_resident_exactly_for_the_selected_layers(opt)
     assert len(selections) == 4
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, q)
@@ -145,7 +175,8 @@ def per_layer_state_bytes(opt, layer):
 
 
 @pytest.mark.parametrize("policy", ["offload", "drop"])
-def test_device_state_bytes_follow_the_selected_layers(policy):
+def test_device_state_bytes_follow_the_selected_layers(policy, monkeypatch):
+    mark_host_copies(monkeypatch)
     model = tiny_peft_llama(num_layers=4)
     opt = ISTAdamW(model, state_policy=policy, **{**OPTIONS, "active_layers": 2, "num_probes": 0})
     keep_model = tiny_peft_llama(num_layers=4)
@@ -166,6 +197,7 @@ def test_device_state_bytes_follow_the_selected_layers(policy):
     if policy == "offload":
         assert report["optimizer_state_device_bytes"] == 2 * layer_bytes
         assert report["optimizer_state_host_bytes"] == 2 * layer_bytes
+        assert_state_is_resident_exactly_for_the_selected_layers(opt)
     else:
         assert evicted_bytes == 0
     assert report["grad_bytes"] == 0  # after zero_grad
@@ -175,7 +207,7 @@ def test_device_state_bytes_follow_the_selected_layers(policy):
 
 
 @pytest.mark.parametrize("policy", ["offload", "drop"])
-def test_resume_while_layers_are_evicted_is_bit_identical(policy):
+def test_resume_while_layers_are_evicted_is_bit_identical(policy, monkeypatch):
     model = tiny_peft_llama(num_layers=4)
     opt = ISTAdamW(model, state_policy=policy, **OPTIONS)
     train(model, opt, 7)
@@ -183,6 +215,7 @@ def test_resume_while_layers_are_evicted_is_bit_identical(policy):
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
+    mark_host_copies(monkeypatch)  # after saving: weights_only loading refuses tensor subclasses
     resumed_model = tiny_peft_llama(num_layers=4, seed=5)
     resumed_model.load_state_dict(model.state_dict())
     resumed = ISTAdamW(resumed_model, state_policy=policy, **{**OPTIONS, "seed": 42})
@@ -190,7 +223,10 @@ def test_resume_while_layers_are_evicted_is_bit_identical(policy):
     assert resumed.evictor.evicted == opt.evictor.evicted
     assert resumed.memory_report() == opt.memory_report()
     train(model, opt, 10, seed=100)
-    train(resumed_model, resumed, 10, seed=100)
+    for step in range(10):
+        train(resumed_model, resumed, 1, seed=100 + step)
+        if policy == "offload":
+            assert_state_is_resident_exactly_for_the_selected_layers(resumed)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
     state_equal(opt, resumed)
@@ -199,15 +235,20 @@ def test_resume_while_layers_are_evicted_is_bit_identical(policy):
 def test_drop_restarts_the_moments_of_layers_that_come_back():
     model = tiny_peft_llama(num_layers=4)
     opt = ISTAdamW(model, state_policy="drop", **{**OPTIONS, "num_probes": 0})
-    for _ in range(12):
+    streak = [0] * 4  # consecutive steps each layer has trained up to now
+    trained, comebacks = set(), 0
+    for _ in range(16):
         active = opt.active_layers
-        before = {id(p): int(opt.state[p]["step"]) if p in opt.state else 0
-                  for layer in active for p in opt.layer_map.params[layer]}
+        for layer, params in enumerate(opt.layer_map.params):
+            if layer in active and streak[layer]:  # selected again: its moments continue
+                assert all(int(opt.state[p]["step"]) == streak[layer] for p in params), layer
+            else:  # not selected, or coming back after a break: nothing kept, AdamW starts at step 1
+                assert not any(p in opt.state for p in params), layer
+                comebacks += layer in active and layer in trained
         train(model, opt, 1)
-        for layer in active:
-            for p in opt.layer_map.params[layer]:
-                if p in opt.state:  # still selected: continued; evicted: dropped
-                    assert int(opt.state[p]["step"]) == before[id(p)] + 1
+        trained.update(active)
+        streak = [streak[layer] + 1 if layer in active else 0 for layer in range(4)]
+    assert comebacks >= 2
 
 
 def count_forwards(model):
