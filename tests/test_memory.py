@@ -266,9 +266,15 @@ def count_forwards(model):
     return calls
 
 
+# A recomputed block runs without the KV cache, so it attends over other memory layouts of K/V than the
+# stored forward (the cache's concatenated copies); BLAS may round the two differently (GPT-2 differs by
+# one ulp in float32 on an AMD EPYC). Portable: float64 and a tight tolerance.
+RECOMPUTE_TOLERANCE = dict(rtol=1e-10, atol=1e-12)
+
+
 def test_selective_checkpointing_recomputes_only_unselected_blocks_above_and_keeps_grads():
-    model = tiny_peft_llama(num_layers=4)
-    reference = tiny_peft_llama(num_layers=4)
+    model = tiny_peft_llama(num_layers=4, dtype=torch.float64)
+    reference = tiny_peft_llama(num_layers=4, dtype=torch.float64)
     opt = ISTAdamW(model, lr=1e-2, active_layers=2, num_probes=0, checkpoint_unselected=True)
     ref_opt = ISTAdamW(reference, lr=1e-2, active_layers=2, num_probes=0)
     calls = count_forwards(model)
@@ -279,21 +285,20 @@ def test_selective_checkpointing_recomputes_only_unselected_blocks_above_and_kee
     reference(**batch).loss.backward()
     assert calls == [1, 1, 2, 1]  # block 2 (unselected, above 1) ran again in backward; 0 is below the cut
     grads, ref_grads = grads_of(model), grads_of(reference)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert torch.equal(grads[name], ref_grads[name]), name
+    torch.testing.assert_close(grads, ref_grads, **RECOMPUTE_TOLERANCE)  # same keys; names the one that differs
     opt.remove_hooks()
     assert all("forward" not in vars(block) for block in blocks_of(model))
 
 
 def test_selective_checkpointing_trains_like_storing_everything():
-    model, reference = tiny_peft_llama(num_layers=4), tiny_peft_llama(num_layers=4)
+    model, reference = (tiny_peft_llama(num_layers=4, dtype=torch.float64) for _ in range(2))
     opt = ISTAdamW(model, checkpoint_unselected=True, **OPTIONS)
     ref_opt = ISTAdamW(reference, **OPTIONS)
     train(model, opt, 12)
     train(reference, ref_opt, 12)
+    assert opt.active_layers == ref_opt.active_layers
     for p, q in zip(model.parameters(), reference.parameters()):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, **RECOMPUTE_TOLERANCE)
 
 
 def test_bad_memory_options_raise():
@@ -310,7 +315,7 @@ def test_selective_checkpointing_on_gpt2_with_its_kv_cache_keeps_grads():
     """GPT-2 builds a KV cache even in training; a recomputed block must not append to it twice."""
     from test_layers import gpt2
 
-    model, reference = gpt2(4, "eager"), gpt2(4, "eager")
+    model, reference = gpt2(4, "eager").double(), gpt2(4, "eager").double()
     reference.load_state_dict(model.state_dict())
     opt = ISTAdamW(model, lr=1e-2, active_layers=2, num_probes=0, checkpoint_unselected=True)
     ref_opt = ISTAdamW(reference, lr=1e-2, active_layers=2, num_probes=0)
@@ -322,9 +327,8 @@ def test_selective_checkpointing_on_gpt2_with_its_kv_cache_keeps_grads():
     torch.manual_seed(0)
     reference(input_ids=ids, labels=ids).loss.backward()
     grads, ref_grads = grads_of(model), grads_of(reference)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name in grads:
-        assert torch.equal(grads[name], ref_grads[name]), name
+    assert grads
+    torch.testing.assert_close(grads, ref_grads, **RECOMPUTE_TOLERANCE)
 
 
 class KwargBlock(nn.Module):
