@@ -1,0 +1,347 @@
+"""The drop-in contract where it used to break: frozen weights, object life cycle, Trainer inputs, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import lm_batch, tiny_peft_llama
+from torch import nn
+
+from ist_optim import IST, ISTAdamW
+from ist_optim.probes import probe_losses
+
+
+def lora_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def train(model, opt, steps, seed=0):
+    for step in range(steps):
+        model(**lm_batch(seed=seed + step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+# ---------------------------------------------------------------------------- frozen stays frozen
+@pytest.mark.parametrize("build", ["sgd_all_params", "istadamw_all_params"])
+def test_frozen_weights_in_the_optimizer_stay_frozen(build):
+    model = tiny_peft_llama(num_layers=4)
+    found = flags(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    if build == "sgd_all_params":  # the README's own example
+        opt = IST(torch.optim.SGD(model.parameters(), lr=0.1), model, active_layers=0.25)
+    else:
+        opt = ISTAdamW(model, lr=1e-2, active_layers=0.25, params=model.parameters())
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    train(model, opt, 3)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert not p.requires_grad and torch.equal(p, frozen[name]), name
+    opt.remove_hooks()
+    assert flags(model) == found
+
+
+# ---------------------------------------------------------------------------- object life cycle
+def test_deepcopy_with_an_lr_scheduler_steps_the_copy():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1.0, num_probes=0)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    copied = copy.deepcopy(opt)
+    before = {n: p.detach().clone() for n, p in lora_params(model).items()}
+    copied.model(**lm_batch()).loss.backward()
+    copied.step()
+    assert all(torch.equal(p, before[n]) for n, p in lora_params(model).items())  # the original did not move
+    assert any(not torch.equal(p, before[n]) for n, p in lora_params(copied.model).items())
+    assert copied.num_steps == 1 and opt.num_steps == 0
+
+
+def test_pickle_with_an_lr_scheduler_round_trips_and_steps():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=0.5, probe_interval=1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    train(model, opt, 2)
+    loaded = pickle.loads(pickle.dumps(opt))
+    assert torch.equal(loaded.scheduler.importance, opt.scheduler.importance)
+    assert loaded.active_layers == opt.active_layers
+    train(loaded.model, loaded, 2)
+    assert loaded.num_steps == 4 and opt.num_steps == 2
+
+
+def test_a_deleted_optimizer_leaves_a_plain_model():
+    model = tiny_peft_llama()
+    found = flags(model)
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1)
+    train(model, opt, 1)
+    assert flags(model) != found
+    del opt
+    gc.collect()
+    assert flags(model) == found
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert len(plain.param_groups[0]["params"]) == len(lora_params(model))
+    model(**lm_batch()).loss.backward()
+    assert all(p.grad is not None for p in lora_params(model).values())
+
+
+def test_a_deep_copied_model_trains_as_a_plain_model():
+    model = tiny_peft_llama()
+    found = flags(model)
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1, checkpoint_unselected=True)
+    train(model, opt, 1)
+    copied = copy.deepcopy(model)
+    assert flags(copied) == found  # a plain AdamW built now sees every adapter
+    copied(**lm_batch()).loss.backward()
+    assert all(p.grad is not None for p in lora_params(copied).values())
+    blocks = copied.get_base_model().model.layers
+    assert not any(
+        hook for m in copied.modules() for hook in m._forward_pre_hooks.values() if "ModelHooks" in repr(hook)
+    )
+    assert all("forward" not in block.__dict__ for block in blocks)
+    train(model, opt, 1)  # the original still works
+    assert opt.num_steps == 2
+
+
+def test_remove_hooks_keeps_a_forward_patched_before_ist():
+    model = tiny_peft_llama()
+    block = model.get_base_model().model.layers[1]
+    calls = []
+    original = block.forward
+
+    def patched(*args, **kwargs):  # e.g. accelerate's device hooks
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = patched
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1, checkpoint_unselected=True)
+    train(model, opt, 2)
+    opt.remove_hooks()
+    assert block.__dict__["forward"] is patched
+    model(**lm_batch())
+    assert len(calls) == 3
+
+
+def test_a_compiled_model_is_refused_with_the_fix():
+    model = tiny_peft_llama()
+    with pytest.raises(TypeError, match="_orig_mod"):
+        ISTAdamW(torch.compile(model), lr=1e-3)
+
+
+# ---------------------------------------------------------------------------- probe inputs
+def test_probe_batch_drops_num_items_in_batch_so_probe_losses_are_the_mean():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, probe_interval=1)
+    batch = lm_batch(batch=2, seq=8)
+    model(**batch, num_items_in_batch=torch.tensor(28)).loss.backward()  # Trainer with accumulation 2
+    assert "num_items_in_batch" not in opt.hooks.probe_batch[1]
+    losses = probe_losses(model, opt.adapters, torch.ones(2, len(opt.layer_names)), batch=opt.hooks.probe_batch)
+    with torch.no_grad():
+        model.eval()
+        mean_loss = model(**batch).loss
+        model.train()
+    torch.testing.assert_close(losses, torch.stack([mean_loss, mean_loss]).double(), rtol=1e-6, atol=0)
+
+
+def test_no_labels_skips_the_importance_update_with_one_warning():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, probe_interval=1)
+    batch = lm_batch()
+    labels = batch.pop("labels")
+    with pytest.warns(UserWarning, match="importance is not updated.*loss=None"):
+        for _ in range(2):  # as Trainer does with label_smoothing_factor: the loss is computed outside
+            logits = model(**batch).logits
+            nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+    assert opt.num_probe_updates_missed == 2 and opt.scheduler.num_updates == 0 and opt.num_steps == 2
+
+
+def test_trainer_with_label_smoothing_runs_and_says_why_importance_stays(tmp_path):
+    from test_trainer import make_trainer
+
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=2e-2, active_layers=0.5, probe_interval=2)
+    trainer = make_trainer(model, opt, tmp_path, max_steps=4)
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer.label_smoother = LabelSmoother(epsilon=0.1)  # what label_smoothing_factor=0.1 sets up
+    with pytest.warns(UserWarning, match="importance is not updated"):
+        trainer.train()
+    assert opt.num_steps == 4 and opt.num_probe_updates_missed == 2
+
+
+class TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_peft_llama()
+
+    def forward(self, **batch):
+        return (self.model(**batch).loss,)
+
+
+def test_a_model_without_a_loss_field_fails_at_its_first_training_forward():
+    model = TupleNet()
+    opt = ISTAdamW(model, lr=1e-2, probe_interval=5)
+    with pytest.raises(TypeError, match="loss_fn"):
+        model(**lm_batch())
+    opt.loss_fn = lambda output, **batch: output[0]  # noqa: ARG005 (what the message asks for)
+    ISTAdamW(model, lr=1e-2, probe_interval=1, loss_fn=lambda output, **batch: output[0])
+    model(**lm_batch())[0].backward()
+
+
+def test_torch_standard_closure_works_on_probe_steps():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=0.5, probe_interval=1)
+    for step in range(3):
+        batch = lm_batch(seed=step)
+
+        def closure():
+            opt.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert loss.requires_grad
+    assert opt.scheduler.num_updates == 3
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_load_state_dict_validates_before_changing_anything():
+    model = tiny_peft_llama(num_layers=4)
+    other = tiny_peft_llama(num_layers=4)
+    source = ISTAdamW(other, lr=0.5, layers=other.get_base_model().model.layers[:3], num_probes=0)
+    saved = source.state_dict()
+    opt = ISTAdamW(model, lr=1e-2, num_probes=0, params=[{"params": [p for p in model.parameters() if p.requires_grad]}])
+    before = copy.deepcopy(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match="checkpoint is for 3 layers"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-2
+    assert opt.optimizer.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_options_are_checkpointed_and_a_difference_warns():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=2, suppression=0.25)
+    saved = opt.state_dict()
+    assert saved["ist"]["options"]["active_layers"] == 2
+    other = ISTAdamW(tiny_peft_llama(), lr=1e-2, active_layers=3, suppression=0.5)
+    with pytest.warns(UserWarning, match="active_layers: checkpoint 2, now 3.*suppression"):
+        other.load_state_dict(saved)
+    same = ISTAdamW(tiny_peft_llama(), lr=1e-2, active_layers=2, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        same.load_state_dict(saved)  # only the seed differs, and the loaded generator state replaces it
+
+
+def test_state_dict_hooks_run():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("save-post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer, weights_only=True))
+    assert calls == ["save-pre", "save-post", "load-pre", "load-post"]
+
+
+# ---------------------------------------------------------------------------- step hooks and AMP
+def test_global_optimizer_step_hooks_fire_once_per_step():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, num_probes=0)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("post", type(o).__name__))),
+    ]
+    try:
+        train(model, opt, 2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [("pre", "ISTAdamW"), ("post", "ISTAdamW")] * 2
+
+
+def test_fused_adamw_under_grad_scaler_equals_plain_fused_adamw():
+    model, reference = tiny_peft_llama(), tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1.0, num_probes=0, fused=True)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2, fused=True, weight_decay=0.0)
+    assert opt._step_supports_amp_scaling
+    scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16), torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for step in range(4):
+        for m, o, s in ((model, opt, scaler), (reference, ref_opt, ref_scaler)):
+            s.scale(m(**lm_batch(seed=step)).loss).backward()
+            if step == 2:  # an overflow: the step must be skipped by both, and IST must not advance
+                next(p for p in m.parameters() if p.grad is not None).grad[0] = float("inf")
+            s.step(o)
+            s.update()
+            o.zero_grad()
+    assert opt.num_steps == 3
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------------------- construction-time checks
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(importance_lr=float("inf")), "importance_lr"),
+        (dict(importance_lr=float("nan")), "importance_lr"),
+        (dict(suppression=1.0), "suppression"),
+        (dict(kernels="triton", triton_interpret="0"), "kernels='triton'"),
+    ],
+)
+def test_errors_known_at_construction_are_raised_there(options, match, monkeypatch):
+    if "triton_interpret" in options:
+        monkeypatch.setenv("TRITON_INTERPRET", options.pop("triton_interpret"))
+    with pytest.raises(ValueError, match=match):
+        ISTAdamW(tiny_peft_llama(), lr=1e-2, **options)
+
+
+def test_suppression_one_is_fine_without_probes():
+    ISTAdamW(tiny_peft_llama(), lr=1e-2, suppression=1.0, num_probes=0)
+
+
+def test_numpy_integers_are_accepted():
+    opt = ISTAdamW(
+        tiny_peft_llama(), lr=1e-2, active_layers=np.int64(2), probe_layers=np.int32(2), num_probes=np.int64(2),
+        probe_interval=np.int64(3), seed=np.int64(5),
+    )
+    assert opt.scheduler.num_active == 2 and opt.options["probe_interval"] == 3
+    assert type(opt.state_dict()["ist"]["options"]["active_layers"]) is int
+
+
+def test_batched_probes_without_a_per_candidate_loss_are_refused_at_construction():
+    with pytest.raises(ValueError, match="batched"):
+        ISTAdamW(TupleNet(), lr=1e-2, probe_mode="batched")
+
+
+def test_batched_probes_accept_gpt2_lm_head_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=4, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = get_peft_model(GPT2LMHeadModel(config).double(), LoraConfig(r=2, target_modules=["c_attn"]))
+    opt = ISTAdamW(model, lr=1e-2, probe_mode="batched", probe_interval=1)
+    batch = lm_batch()
+    model(**batch).loss.backward()
+    beta = torch.tensor([[1.0, 0.25, 1.0, 0.25], [0.25, 1.0, 0.25, 1.0]], dtype=torch.float64)
+    batched = probe_losses(model, opt.adapters, beta, batch=opt.hooks.probe_batch, mode="batched")
+    sequential = probe_losses(model, opt.adapters, beta, batch=opt.hooks.probe_batch, mode="sequential")
+    torch.testing.assert_close(batched, sequential, rtol=1e-10, atol=1e-12)
