@@ -15,8 +15,9 @@ Everything IST does to a model goes through :class:`ModelHooks`, and
   forward, the block's hidden-state input is replaced by a detached tensor,
   so backward stops there. That is exact only when nothing upstream needs a
   gradient, so it is decided per forward from the autograd graph of that
-  input: if it reaches a trainable parameter, a tensor the caller passed in
-  that requires grad, or (with trainable parameters outside the selected
+  input: if it reaches a trainable parameter, a leaf that requires grad from
+  which the caller computed the model's inputs (a prompt trained outside the
+  model, passed as ``inputs_embeds``), or (with trainable parameters outside the selected
   layers) a reentrant checkpoint whose insides autograd cannot show, the cut
   is skipped and the reason kept in :attr:`~ModelHooks.cut_skip_reason`.
   Repeated calls of a block in one forward are never cut. Checkpointed
@@ -89,6 +90,26 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaves that require grad in ``tensor``'s autograd graph (``tensor`` itself if it is one)."""
+    if not tensor.requires_grad:
+        return []
+    if tensor.grad_fn is None:
+        return [tensor]
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
 
 
 def _is_kv_cache(value: Any) -> bool:
@@ -342,9 +363,9 @@ class ModelHooks:
             for p in self.layer_map.other_params:
                 if p.requires_grad:
                     needed.setdefault(id(p), "an optimizer parameter outside the layers")
-            for t in _tensors(forward.inputs):
-                if t.requires_grad and t.is_leaf:
-                    needed.setdefault(id(t), "a tensor passed to the model's forward that requires grad")
+            for t in _tensors(forward.inputs):  # what the caller built the inputs from wants its gradient
+                for leaf in _leaves(t):
+                    needed.setdefault(id(leaf), "a tensor the model's inputs were computed from, which requires grad")
             forward.needed = needed
         return forward.needed
 

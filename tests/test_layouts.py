@@ -277,3 +277,29 @@ def test_a_repeated_block_is_cut_at_its_first_call_only():
     assert calls == [True, False]
     assert opt.hooks.cut_count == 1
     assert model.layers[0].linear.weight.grad is None and model.layers[1].linear.weight.grad is not None
+
+
+def test_a_prompt_trained_outside_the_model_keeps_its_gradient():
+    """A soft prompt held by the caller (its own optimizer), concatenated into ``inputs_embeds``."""
+    model = _peft(tiny_llama(4), target_modules=["q_proj", "v_proj"]).double()
+    reference = copy.deepcopy(model)
+    opt = ISTAdamW(model, lr=1e-3, active_layers=1, num_probes=0)
+    opt._set_selection([2])
+    names = {id(p): n for n, p in model.named_parameters()}
+    ref_params = dict(reference.named_parameters())
+    for i, params in enumerate(opt.layer_map.params):
+        for p in params:
+            ref_params[names[id(p)]].requires_grad_(i == 2)
+    prompt = nn.Parameter(torch.randn(1, 3, 32, dtype=torch.float64))
+    ref_prompt = nn.Parameter(prompt.detach().clone())
+    ids = lm_batch()["input_ids"]
+    labels = torch.cat([torch.full((2, 3), -100), ids], 1)
+    for m, p in ((model, prompt), (reference, ref_prompt)):
+        embeds = torch.cat([p.expand(2, -1, -1), m.get_input_embeddings()(ids)], 1)
+        m(inputs_embeds=embeds, labels=labels).loss.backward()
+    torch.testing.assert_close(prompt.grad, ref_prompt.grad, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (ref_params[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-10, atol=1e-12)
+    assert opt.memory_report()["backward_cuts_skipped"] == 1
