@@ -15,11 +15,13 @@ Everything IST does to a model goes through :class:`ModelHooks`, and
   forward, the block's hidden-state input is replaced by a detached tensor,
   so backward stops there. That is exact only when nothing upstream needs a
   gradient, so it is decided per forward from the autograd graph of that
-  input: if it reaches a trainable parameter, a leaf that requires grad from
-  which the caller computed the model's inputs (a prompt trained outside the
-  model, passed as ``inputs_embeds``), or (with trainable parameters outside the selected
-  layers) a reentrant checkpoint whose insides autograd cannot show, the cut
-  is skipped and the reason kept in :attr:`~ModelHooks.cut_skip_reason`.
+  input: if it reaches any leaf that requires grad (a trainable parameter, a
+  prompt trained outside the model and passed as ``inputs_embeds``, a
+  perturbation added by a hook), except the output of the model's
+  ``get_input_embeddings()`` (which HF's ``enable_input_require_grads`` makes
+  a leaf only so that checkpointed blocks get gradients), or (with trainable
+  parameters outside the selected layers) a reentrant checkpoint whose
+  insides autograd cannot show, the cut is skipped and the reason kept in :attr:`~ModelHooks.cut_skip_reason`.
   Repeated calls of a block in one forward are never cut. Checkpointed
   blocks are recomputed in backward; the recompute cuts exactly where the
   forward did (non-reentrant: the same input tensor, marked; reentrant: the
@@ -63,7 +65,11 @@ CALLER_ONLY_KWARGS = ("num_items_in_batch",)
 # used inside it are invisible in the graph until it recomputes in backward.
 _OPAQUE_NODES = ("CheckpointFunctionBackward",)
 
-_CUT_MARK = "_ist_cut_block"  # set on a block input that was cut, for the non-reentrant recompute
+_CUT_MARK = "_ist_cut_block"
+
+# A leaf upstream that is neither a parameter nor behind the forward's inputs: a tensor made to require
+# grad inside the forward (e.g. an adversarial perturbation added by a hook). Its owner may read its grad.
+_UNKNOWN_LEAF = "a tensor that requires grad (made inside the forward, e.g. by a hook)"  # set on a block input that was cut, for the non-reentrant recompute
 
 
 def _hidden_state(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | int | None]:
@@ -112,6 +118,25 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
+def _input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs HF's ``enable_input_require_grads`` marks: every ``get_input_embeddings()``.
+
+    As HF does, asked of every submodule that has the method (T5's encoder and decoder stacks have their own).
+    """
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            embeddings = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embeddings, nn.Module):
+            found.setdefault(id(embeddings), embeddings)
+    return list(found.values())
+
+
 def _is_kv_cache(value: Any) -> bool:
     """An HF ``Cache`` (duck-typed, so transformers is not imported here)."""
     return hasattr(value, "get_seq_length") and hasattr(value, "update")
@@ -156,6 +181,7 @@ class _Forward:
     calls: dict[int, int] = field(default_factory=dict)  # block index -> calls so far
     selected_seen: bool = False
     needed: dict[int, str] | None = None  # id -> description of tensors whose gradient is needed
+    input_embeddings: set[int] = field(default_factory=set)  # ids of the input embeddings' outputs
 
 
 class ModelHooks:
@@ -222,6 +248,8 @@ class ModelHooks:
             for index, block in enumerate(self.blocks):
                 hook = functools.partial(self._before_block_forward, index)
                 self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+            for embeddings in _input_embeddings(model):
+                self._handles.append(embeddings.register_forward_hook(self._after_input_embeddings))
         self._patched_forwards: list[tuple[nn.Module, Any, Any]] = []  # (block, ours, the one we replaced)
         if checkpoint_unselected:
             for index, block in enumerate(self.blocks):
@@ -311,6 +339,13 @@ class ModelHooks:
                 check(output)
 
     # ------------------------------------------------------------------ backward cut
+    def _after_input_embeddings(self, module: nn.Module, args: tuple, output: Any) -> None:
+        forward = self._in_training_forward()
+        if forward is not None and isinstance(output, torch.Tensor):
+            # HF's enable_input_require_grads makes this output a leaf that requires grad
+            # (in place, so this object): the one leaf whose gradient nobody reads.
+            forward.input_embeddings.add(id(output))
+
     def _before_block_forward(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.removed or self.probing:
             return None
@@ -373,7 +408,7 @@ class ModelHooks:
         """Why cutting backward at ``hidden`` would lose a gradient someone needs, or ``None`` if it would not."""
         needed = self._needed(forward)
         if hidden.grad_fn is None:
-            return needed.get(id(hidden))
+            return None if id(hidden) in forward.input_embeddings else needed.get(id(hidden), _UNKNOWN_LEAF)
         hidden_trainable = any(pid not in self._selected_ids for pid in needed)
         seen: set[Any] = set()
         stack = [hidden.grad_fn]
@@ -384,8 +419,8 @@ class ModelHooks:
             seen.add(node)
             variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
             if variable is not None:
-                if id(variable) in needed:
-                    return needed[id(variable)]
+                if id(variable) not in forward.input_embeddings:
+                    return needed.get(id(variable), _UNKNOWN_LEAF)
                 continue
             if hidden_trainable and type(node).__name__ in _OPAQUE_NODES:
                 return "a reentrant checkpoint (whose trainable parameters autograd cannot show until backward)"

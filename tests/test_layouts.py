@@ -35,6 +35,8 @@ class Block(nn.Module):
 class CustomNet(nn.Module):
     """A frozen embedding whose output requires grad (as ``enable_input_require_grads``), blocks, a frozen head.
 
+    ``get_input_embeddings()`` names the embedding, as HF models do: only its output may be cut away from.
+
     ``order``: the order the blocks are called in (repeats allowed: weight sharing).
     ``prompt``: a learned prompt added before the blocks. ``projector``: two stacks with a trained projector between.
     """
@@ -51,6 +53,9 @@ class CustomNet(nn.Module):
             self.layers = nn.ModuleList(Block() for _ in range(depth))
         self.order = order if order is not None else list(range(len(self.layers)))
         self.head = nn.Linear(WIDTH, 1).requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:  # HF's convention: its output may be a leaf nobody reads
+        return self.embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(x).requires_grad_()
@@ -98,6 +103,9 @@ class TutorialGPT(nn.Module):
         self.task_heads = nn.ModuleList(nn.Linear(WIDTH, 1) for _ in range(2))
         self.embed = nn.Embedding(VOCAB, WIDTH).requires_grad_(False)
         self.blocks = nn.Sequential(*[TutorialBlock() for _ in range(depth)])
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.blocks(self.embed(ids).requires_grad_())
@@ -303,3 +311,28 @@ def test_a_prompt_trained_outside_the_model_keeps_its_gradient():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-10, atol=1e-12)
     assert opt.memory_report()["backward_cuts_skipped"] == 1
+
+
+def test_a_perturbation_added_by_a_hook_keeps_its_gradient():
+    """FreeLB/PGD-style: a tensor that requires grad, added to the embeddings by a forward hook."""
+    model = _peft(tiny_llama(4), target_modules=["q_proj", "v_proj"]).double()
+    model.get_base_model().enable_input_require_grads()
+    reference = copy.deepcopy(model)
+    opt = ISTAdamW(model, lr=1e-3, active_layers=1, num_probes=0)
+    opt._set_selection([1])
+    for p, q in zip(model.parameters(), reference.parameters()):
+        q.requires_grad_(p.requires_grad)
+    batch = lm_batch()
+    grads = []
+    for m in (model, reference):
+        delta = torch.zeros(2, 8, 32, dtype=torch.float64, requires_grad=True)
+        handle = m.get_input_embeddings().register_forward_hook(lambda mod, args, out: out + delta)
+        m(**batch).loss.backward()
+        handle.remove()
+        grads.append(delta.grad)
+    assert grads[0] is not None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    assert opt.memory_report()["backward_cuts_skipped"] == 1
+    # without the perturbation, the input embeddings' own leaf is cut away from as before
+    model(**batch).loss.backward()
+    assert opt.memory_report()["backward_cuts"] == 1

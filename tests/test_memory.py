@@ -348,6 +348,9 @@ class KwargNet(nn.Module):
         self.embed = nn.Linear(width, width)
         self.layers = nn.ModuleList(KwargBlock(width) for _ in range(depth))
 
+    def get_input_embeddings(self):  # HF's convention: the one leaf the cut may drop
+        return self.embed
+
     def forward(self, x):
         hidden = self.embed(x).requires_grad_()  # like enable_input_require_grads
         for layer in self.layers:
