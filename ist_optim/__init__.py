@@ -4,6 +4,7 @@
     opt = ISTAdamW(peft_model, lr=2e-4)   # instead of torch.optim.AdamW(...)
 """
 
+from .adapters import ParallelAdapter, SeriesAdapter, add_adapters
 from .fused_lora import fuse_lora
 from .layers import LayerMap, discover_layers
 from .optimizer import IST, ISTAdamW
@@ -15,6 +16,9 @@ __all__ = [
     "ISTAdamW",
     "ImportanceScheduler",
     "LayerMap",
+    "ParallelAdapter",
+    "SeriesAdapter",
+    "add_adapters",
     "discover_layers",
     "find_adapter_modules",
     "fuse_lora",

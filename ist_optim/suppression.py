@@ -22,6 +22,8 @@ Three ways to scale, chosen per module:
   does not cover (``lora_bias``: the bias is inside ``lora_B``, scaled with
   it) and for modules whose forward something else already patched on the
   instance (``fuse_lora``, accelerate): swapping it would bypass that patch;
+* ``ist_optim.adapters`` (series and parallel bottlenecks): multiply their
+  ``scale`` by beta, exact for the same reason;
 * anything else (DoRA, other tuners, users' adapters): a forward hook
   recomputes ``base = base_layer(x)`` and returns ``base + beta * (out - base)``
   (one extra base matmul per module; DoRA needs it because a zero scale does
@@ -160,7 +162,38 @@ def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     return patch_forward(module, forward)
 
 
+def _scale_adapter_scale(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+    """ist_optim's bottleneck adapters: multiply their ``scale`` by beta (the adapter term is linear in it)."""
+    original = module.scale
+
+    def restore() -> None:
+        module.scale = original
+
+    if isinstance(beta, float):
+        module.scale = original * beta
+        return restore
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        mod.scale = _row_scale(beta, args[0]) * original
+
+    def post_hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        restore()
+
+    handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(post_hook)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        restore()
+
+    return undo
+
+
 def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:
+    from .adapters import BottleneckAdapter
+
+    if isinstance(module, BottleneckAdapter):
+        return _scale_adapter_scale
     if not is_vanilla_lora(module):
         return _scale_output_delta
     if kernels == "torch":
