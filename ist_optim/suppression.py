@@ -67,12 +67,21 @@ def find_adapter_modules(model: nn.Module, layer_params: Sequence[Sequence[torch
     Returns:
         ``L`` lists of adapter modules (a list is empty when a layer's
         parameters belong to no adapter module, e.g. full-layer training).
+
+    Raises:
+        ValueError: for adapters IST cannot drive (AdaLoRA, whose rank allocation needs every gradient).
     """
     layer_of_param = {id(p): i for i, group in enumerate(layer_params) for p in group}
     adapters: list[list[nn.Module]] = [[] for _ in layer_params]
     for module in model.modules():
         if not is_adapter_module(module):
             continue
+        if any(cls.__name__ == "AdaLoraLayer" for cls in type(module).__mro__):
+            raise ValueError(
+                "AdaLoRA is not supported: its update_and_allocate() scores every adapter's rank from that "
+                "adapter's gradient each step, and IST leaves most adapters without one; use LoRA or DoRA "
+                "(peft.LoraConfig) with IST, or AdaLoRA with a plain optimizer"
+            )
         layers = {layer_of_param[id(p)] for p in _own_params(module) if id(p) in layer_of_param}
         if len(layers) > 1:
             raise ValueError(f"adapter module {type(module).__name__} holds parameters of layers {sorted(layers)}")
