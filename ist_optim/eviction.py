@@ -122,7 +122,24 @@ class StateEvictor:
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy (pinned and non-blocking from CUDA; a real copy on CPU too, so the path is the same)."""
+    if _is_dtensor(tensor):
+        # FSDP2 state is sharded like its parameter: offload this rank's shard, keep it a DTensor
+        # (as FSDP2's own CPU offload does) so checkpoints see the same layout for evicted state.
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            _to_host(tensor.to_local()), tensor.device_mesh, tensor.placements, run_check=False,
+            shape=tensor.shape, stride=tensor.stride(),
+        )
     pinned = tensor.is_cuda and torch.cuda.is_available()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
     host.copy_(tensor, non_blocking=pinned)
     return host
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
+from .distributed import DistributedSupport, check_distributed_model, reduce_probe_losses, unwrap_model
 from .eviction import STATE_POLICIES, StateEvictor
 from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
@@ -94,6 +95,10 @@ class IST(Optimizer):
             selected one in backward instead of storing their activations
             (default ``False``; less memory for one extra forward through them).
         seed: seed of the scheduler's generator. Default 0.
+        check_consistency: in a distributed run, compare a hash of the selection, importance and
+            generator state across ranks after every step and raise on disagreement (it is always
+            compared after the first step and after ``load_state_dict``); default ``None`` = the
+            ``IST_CHECK_CONSISTENCY`` environment variable. See :mod:`ist_optim.distributed`.
 
     Attributes:
         optimizer: the wrapped optimizer.
@@ -123,12 +128,16 @@ class IST(Optimizer):
         backward_cut: bool | None = None,
         checkpoint_unselected: bool = False,
         seed: int = 0,
+        check_consistency: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
         if isinstance(optimizer, IST):
             raise TypeError("optimizer is already an IST wrapper; wrap the inner optimizer once")
         _check_model(model)
+        check_distributed_model(model)  # DDP/FSDP1 settings IST cannot train under
+        if check_consistency is not None and not isinstance(check_consistency, bool):
+            raise TypeError(f"check_consistency must be a bool or None, but got {type(check_consistency).__name__}")
         probe_interval = _check_int(probe_interval, "probe_interval", "an int >= 0; 0 disables probes")
         if isinstance(suppression, bool) or not isinstance(suppression, numbers.Real) or not 0.0 <= suppression <= 1.0:
             raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
@@ -149,7 +158,8 @@ class IST(Optimizer):
                 "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
                 "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
             )
-        if probes_enabled and probe_mode == "batched" and loss_fn is None and hf_causal_lm_loss(model) is None:
+        inner = unwrap_model(model)  # the module inside a DDP wrapper
+        if probes_enabled and probe_mode == "batched" and loss_fn is None and hf_causal_lm_loss(inner) is None:
             raise ValueError(
                 "probe_mode='batched' needs per-candidate losses: pass loss_fn=(output, *args, **kwargs) -> scalar, "
                 "or use an HF causal LM (its loss_function is applied per candidate), or probe_mode='sequential'"
@@ -173,7 +183,7 @@ class IST(Optimizer):
                 "none of the optimizer's parameters requires grad; add adapters (e.g. peft.get_peft_model) "
                 "before building the optimizer"
             )
-        self.layer_map: LayerMap = discover_layers(model, trainable, layers=layers, layer_of=layer_of)
+        self.layer_map: LayerMap = discover_layers(inner, trainable, layers=layers, layer_of=layer_of)
         self.scheduler = ImportanceScheduler(
             len(self.layer_map),
             active_layers=active_layers,
@@ -225,6 +235,7 @@ class IST(Optimizer):
             backward_cut=backward_cut,
             checkpoint_unselected=checkpoint_unselected,
             seed=int(seed),
+            check_consistency=check_consistency,
         )
         for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
             value = self.options[key]
@@ -240,6 +251,7 @@ class IST(Optimizer):
             self.hooks.output_check = _require_loss_field
         self.options["backward_cut"] = self.hooks.backward_cut  # None resolved
         self._set_selection(self.scheduler.sample_active())
+        self.distributed = DistributedSupport(self, check_consistency)
         _remove_hooks_when_collected(self)
 
     # ------------------------------------------------------------------ selection
@@ -266,6 +278,7 @@ class IST(Optimizer):
         The optimizer cannot step afterwards (build a plain one, or a new IST).
         """
         self.hooks.remove()
+        self.distributed.remove()
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of optimizer state on the parameters' device and on host, and of gradients; backward-cut counts.
@@ -313,6 +326,7 @@ class IST(Optimizer):
         if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
             self._update_importance()
         self._set_selection(self.scheduler.sample_active())
+        self.distributed.after_step(self)  # every rank must now hold the same selection and importance
         return loss
 
     def _update_importance(self) -> None:
@@ -327,7 +341,7 @@ class IST(Optimizer):
         self.hooks.probing = True
         try:
             losses = probe_losses(
-                self.model,
+                unwrap_model(self.model),  # not through DDP's forward: no buffer broadcast per probe
                 self.adapters,
                 beta,
                 batch=self.hooks.probe_batch,
@@ -341,6 +355,7 @@ class IST(Optimizer):
             return
         finally:
             self.hooks.probing = False
+        losses = reduce_probe_losses(losses)  # the mean over ranks: the same importance everywhere
         self.scheduler.update(kept, losses)
 
     def _skip_probe_round(self, why: str) -> None:
@@ -428,6 +443,7 @@ class IST(Optimizer):
             self.num_steps = int(ist_state["num_steps"])
             self.num_probe_updates_missed = int(ist_state["num_probe_updates_missed"])
         self._set_selection(self.scheduler.active)
+        self.distributed.verify_next_step = True  # every rank must have loaded the same state
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
