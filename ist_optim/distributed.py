@@ -238,7 +238,9 @@ class DistributedSupport:
             # after IST was built must see every adapter trainable. The selection is applied again
             # before every forward, so the first step is unaffected.
             hooks._restore_flags()
-        if not isinstance(opt.model, DistributedDataParallel):
+        if _launched_distributed() and not isinstance(opt.model, DistributedDataParallel):
+            # Only where a launcher may wrap the model later: the check reads the call stack, which
+            # torch.compile cannot trace, so single-process runs go without it.
             self._handle = opt.model.register_forward_pre_hook(
                 _WrapperCheck(hooks, opt.layer_map.modules), with_kwargs=True, prepend=True
             )
