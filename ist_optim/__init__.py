@@ -8,10 +8,14 @@ from .adapters import ParallelAdapter, SeriesAdapter, add_adapters
 from .fused_lora import fuse_lora
 from .layers import LayerMap, discover_layers
 from .optimizer import IST, ISTAdamW
+from .policies import FixedLayers, LayerPolicy, WeightedLayers
 from .scheduler import ImportanceScheduler
 from .suppression import find_adapter_modules, suppress
 
 __all__ = [
+    "FixedLayers",
+    "LayerPolicy",
+    "WeightedLayers",
     "IST",
     "ISTAdamW",
     "ImportanceScheduler",

@@ -208,11 +208,13 @@ def reduce_probe_losses(losses: torch.Tensor) -> torch.Tensor:
 
 def _fingerprint(opt: Any) -> int:
     """A 63-bit hash of what must agree across ranks: step, selection, importance, generator state."""
-    scheduler = opt.scheduler
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(repr((opt.num_steps, scheduler.num_updates, scheduler.active)).encode())
-    digest.update(scheduler.importance.numpy().tobytes())
-    digest.update(scheduler.generator.get_state().numpy().tobytes())
+    digest.update(repr(opt.num_steps).encode())
+    state = opt.scheduler.state_dict()  # any selection policy: its whole state (importance, generator, ...)
+    for key in sorted(state):
+        value = state[key]
+        digest.update(key.encode())
+        digest.update(value.numpy().tobytes() if isinstance(value, torch.Tensor) else repr(value).encode())
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
@@ -262,7 +264,7 @@ class DistributedSupport:
         mine = {
             "step": opt.num_steps,
             "active": list(opt.scheduler.active),
-            "importance": [round(float(x), 6) for x in opt.scheduler.importance],
+            "importance": [round(float(x), 6) for x in getattr(opt.scheduler, "importance", [])],
             "seed": opt.options["seed"],
         }
         states = [None] * dist.get_world_size()

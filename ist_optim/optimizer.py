@@ -42,6 +42,7 @@ from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
+from .policies import LayerPolicy
 from .scheduler import ImportanceScheduler, as_int
 from .suppression import KERNEL_CHOICES, find_adapter_modules
 
@@ -95,6 +96,13 @@ class IST(Optimizer):
             selected one in backward instead of storing their activations
             (default ``False``; less memory for one extra forward through them).
         seed: seed of the scheduler's generator. Default 0.
+        policy: how the layers are chosen: ``"ist"`` (the importance bandit,
+            default), ``"random"`` (uniform without replacement, as LISA and the
+            paper's random sparse tuning; no probes), or a
+            :class:`~ist_optim.policies.LayerPolicy` (:class:`~ist_optim.FixedLayers`,
+            :class:`~ist_optim.WeightedLayers`, your own), which then decides how
+            many layers train (``active_layers`` and the probe options apply to
+            ``"ist"`` and ``"random"`` only). See :mod:`ist_optim.policies`.
         check_consistency: in a distributed run, compare a hash of the selection, importance and
             generator state across ranks after every step and raise on disagreement (it is always
             compared after the first step and after ``load_state_dict``); default ``None`` = the
@@ -129,6 +137,7 @@ class IST(Optimizer):
         checkpoint_unselected: bool = False,
         seed: int = 0,
         check_consistency: bool | None = None,
+        policy: str | LayerPolicy = "ist",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
@@ -152,7 +161,10 @@ class IST(Optimizer):
         for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
             if not isinstance(flag, bool) and not (name == "backward_cut" and flag is None):
                 raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
+        if not isinstance(policy, LayerPolicy) and policy not in POLICIES:
+            raise ValueError(f"Invalid policy: {policy!r} (expected one of {POLICIES} or a LayerPolicy)")
         probes_enabled = _check_int(num_probes, "num_probes", "an int >= 0") > 0 and probe_interval > 0
+        probes_enabled = probes_enabled and policy == "ist"
         if probes_enabled and suppression == 1.0:
             raise ValueError(
                 "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
@@ -184,15 +196,20 @@ class IST(Optimizer):
                 "before building the optimizer"
             )
         self.layer_map: LayerMap = discover_layers(inner, trainable, layers=layers, layer_of=layer_of)
-        self.scheduler = ImportanceScheduler(
-            len(self.layer_map),
-            active_layers=active_layers,
-            probe_layers=probe_layers,
-            num_probes=num_probes,
-            importance_lr=importance_lr,
-            rule=rule,
-            seed=seed,
-        )
+        self.scheduler: ImportanceScheduler | LayerPolicy
+        if isinstance(policy, LayerPolicy):
+            policy.bind(len(self.layer_map))
+            self.scheduler = policy
+        else:
+            self.scheduler = ImportanceScheduler(
+                len(self.layer_map),
+                active_layers=active_layers,
+                probe_layers=probe_layers,
+                num_probes=num_probes if policy == "ist" else 0,  # "random": importance stays 0, draws are uniform
+                importance_lr=importance_lr,
+                rule=rule,
+                seed=seed,
+            )
         self.probes_enabled = probes_enabled
         self.adapters = find_adapter_modules(model, self.layer_map.params)
         if self.probes_enabled:
@@ -225,6 +242,7 @@ class IST(Optimizer):
             active_layers=active_layers,
             probe_layers=probe_layers,
             num_probes=int(num_probes),
+            policy=policy if isinstance(policy, str) else type(policy).__name__,
             probe_interval=probe_interval,
             suppression=float(suppression),
             importance_lr=float(importance_lr),
@@ -467,7 +485,10 @@ class IST(Optimizer):
         return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
 
 
+POLICIES = ("ist", "random")
+
 _CHECKPOINTED_OPTIONS = (
+    "policy",
     "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule",
     "probe_mode", "state_policy", "backward_cut", "checkpoint_unselected", "seed",
 )

@@ -1,0 +1,113 @@
+"""Selection policies: each one's statistics match its definition; checkpoints resume; bad input is refused."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import lm_batch, tiny_peft_llama
+
+from ist_optim import FixedLayers, ISTAdamW, LayerPolicy, WeightedLayers
+
+
+def counts(opt, steps: int) -> torch.Tensor:
+    """How often each layer was selected over ``steps`` selections (no training needed: selection only)."""
+    total = torch.zeros(len(opt.layer_names))
+    for _ in range(steps):
+        for layer in opt.scheduler.sample_active():
+            total[layer] += 1
+    return total
+
+
+def test_random_is_uniform_within_sampling_error():
+    opt = ISTAdamW(tiny_peft_llama(num_layers=4), lr=1e-2, policy="random", active_layers=1, seed=1)
+    assert not opt.probes_enabled
+    frequency = counts(opt, 4000) / 4000
+    # binomial standard error at p = 0.25, n = 4000: 0.0068; allow 4 of them
+    assert torch.allclose(frequency, torch.full((4,), 0.25), atol=0.028), frequency
+
+
+def test_weighted_follows_its_weights():
+    weights = [6.0, 2.0, 1.0, 1.0]
+    opt = ISTAdamW(tiny_peft_llama(num_layers=4), lr=1e-2, policy=WeightedLayers(weights, active_layers=1, seed=3))
+    frequency = counts(opt, 4000) / 4000
+    expected = torch.tensor(weights) / sum(weights)
+    assert torch.allclose(frequency, expected, atol=0.03), frequency
+
+
+def test_fixed_never_changes_and_trains_only_its_layers():
+    model = tiny_peft_llama(num_layers=4)
+    opt = ISTAdamW(model, lr=1e-2, policy=FixedLayers([1, 3]))
+    for step in range(4):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt.active_layers == [1, 3]
+        moved = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters()
+                 if n in before and not torch.equal(p, before[n])}
+        assert moved == {1, 3}
+
+
+class RoundRobin(LayerPolicy):
+    """A user's own policy: one layer after the other."""
+
+    def sample_active(self) -> list[int]:
+        self.active = [(self.active[0] + 1) % self.num_layers] if self.active else [0]
+        return list(self.active)
+
+
+@pytest.mark.parametrize("make", [lambda: RoundRobin(), lambda: WeightedLayers([1.0, 2.0, 3.0, 4.0], 2, seed=5)])
+def test_a_policy_resumes_bit_for_bit(make):
+    def run(opt, model, steps, seed=0):
+        selections = []
+        for step in range(steps):
+            model(**lm_batch(seed=seed + step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            selections.append(opt.active_layers)
+        return selections
+
+    model = tiny_peft_llama(num_layers=4)
+    opt = ISTAdamW(model, lr=1e-2, policy=make())
+    run(opt, model, 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    selections = run(opt, model, 4, seed=3)
+    assert len({tuple(s) for s in selections}) > 1
+
+    resumed_model = tiny_peft_llama(num_layers=4)
+    resumed = ISTAdamW(resumed_model, lr=1e-2, policy=make())
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert run(resumed, resumed_model, 4, seed=3) == selections
+
+
+def test_a_checkpoint_of_another_policy_is_refused():
+    saved = ISTAdamW(tiny_peft_llama(num_layers=4), lr=1e-2).state_dict()
+    opt = ISTAdamW(tiny_peft_llama(num_layers=4), lr=1e-2, policy=FixedLayers([0]))
+    with pytest.raises(ValueError, match="policy"):
+        opt.load_state_dict(saved)
+    assert opt.active_layers == [0]
+
+
+@pytest.mark.parametrize(
+    "policy, error, match",
+    [
+        ("lisa", ValueError, "policy"),
+        (FixedLayers([0, 4]), ValueError, "4 layers"),
+        (WeightedLayers([1.0, 1.0]), ValueError, "2 of them"),
+        (WeightedLayers([1.0, 0.0, 0.0, 0.0], active_layers=2), ValueError, "positive"),
+    ],
+)
+def test_bad_policies_are_refused_at_construction(policy, error, match):
+    with pytest.raises(error, match=match):
+        ISTAdamW(tiny_peft_llama(num_layers=4), lr=1e-2, policy=policy)
+
+
+def test_bad_policy_arguments_are_refused():
+    with pytest.raises(ValueError, match="repeated"):
+        FixedLayers([1, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        WeightedLayers([1.0, -1.0])
