@@ -24,6 +24,7 @@ How a step flows:
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 import weakref
@@ -36,7 +37,13 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
-from .distributed import DistributedSupport, check_distributed_model, reduce_probe_losses, unwrap_model
+from .distributed import (
+    DistributedSupport,
+    check_distributed_model,
+    is_distributed,
+    reduce_probe_losses,
+    unwrap_model,
+)
 from .eviction import STATE_POLICIES, StateEvictor
 from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
@@ -348,33 +355,42 @@ class IST(Optimizer):
         return loss
 
     def _update_importance(self) -> None:
+        # Drawn before anything can be skipped: every rank of a distributed run consumes its
+        # generator identically, and joins the reduction below, whatever happened locally.
+        kept = self.scheduler.sample_candidates()  # (N_c, L)
+        losses, why = None, None
         if self.hooks.probe_batch is None:
-            self._skip_probe_round(
+            why = (
                 "no training forward of the model was seen before step(), so there is no probe batch "
                 "(call the model you passed to IST in train mode with grad enabled)"
             )
-            return
-        kept = self.scheduler.sample_candidates()  # (N_c, L)
-        beta = torch.where(kept, 1.0, self.options["suppression"]).double()
-        self.hooks.probing = True
-        try:
-            losses = probe_losses(
-                unwrap_model(self.model),  # not through DDP's forward: no buffer broadcast per probe
-                self.adapters,
-                beta,
-                batch=self.hooks.probe_batch,
-                loss_fn=self.loss_fn,
-                mode=self.options["probe_mode"],
-                kernels=self.options["kernels"],
-            )
-        except ProbeLossMissing as error:
-            # e.g. HF Trainer removes labels for label_smoothing_factor / compute_loss_func.
-            self._skip_probe_round(str(error))
-            return
-        finally:
-            self.hooks.probing = False
-        losses = reduce_probe_losses(losses)  # the mean over ranks: the same importance everywhere
-        self.scheduler.update(kept, losses)
+        else:
+            beta = torch.where(kept, 1.0, self.options["suppression"]).double()
+            self.hooks.probing = True
+            try:
+                losses = probe_losses(
+                    unwrap_model(self.model),  # not through DDP's forward: no buffer broadcast per probe
+                    self.adapters,
+                    beta,
+                    batch=self.hooks.probe_batch,
+                    loss_fn=self.loss_fn,
+                    mode=self.options["probe_mode"],
+                    kernels=self.options["kernels"],
+                )
+            except ProbeLossMissing as error:
+                # e.g. HF Trainer removes labels for label_smoothing_factor / compute_loss_func.
+                why = str(error)
+            finally:
+                self.hooks.probing = False
+        if is_distributed():
+            # The mean over ranks: the same importance everywhere. A rank with nothing to probe
+            # contributes NaN, so every rank skips the update together (counted in num_skipped).
+            local = losses if losses is not None else torch.full((kept.shape[0],), math.nan, dtype=torch.float64)
+            losses = reduce_probe_losses(local)
+        if why is not None:
+            self._skip_probe_round(why)
+        if losses is not None:
+            self.scheduler.update(kept, losses)
 
     def _skip_probe_round(self, why: str) -> None:
         self.num_probe_updates_missed += 1

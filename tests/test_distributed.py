@@ -458,3 +458,28 @@ def test_consistency_check_raises_when_ranks_disagree(tmp_path):
             assert errors[case] is not None and errors[case].startswith(disagree), (case, errors[case])
         assert "rank 0: {'step': 3" in errors["diverged-checked"]  # the step after the divergence
         assert errors["diverged-unchecked"] is None  # opt-in: without it, divergence is silent (as in DDP)
+
+
+def _one_rank_without_a_probe_loss(rank: int) -> dict[str, Any]:
+    init_gloo(rank)
+    model = DDP(tiny_peft_llama(), find_unused_parameters=True)
+    opt = ISTAdamW(model, lr=1e-2, **IST_OPTIONS)
+    for step in range(4):
+        batch = rank_batch(step, rank)
+        if rank == 1:  # this rank computes its loss outside the model: its probe forwards have loss=None
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {"skipped": opt.scheduler.num_skipped, "updates": opt.scheduler.num_updates,
+            "importance": opt.scheduler.importance.clone(), "active": opt.active_layers}
+
+
+def test_a_rank_with_nothing_to_probe_makes_every_rank_skip_instead_of_hanging(tmp_path):
+    first, second = run_workers(_one_rank_without_a_probe_loss, tmp_path)
+    assert first["skipped"] == second["skipped"] == 2 and first["updates"] == second["updates"] == 0
+    assert torch.equal(first["importance"], second["importance"]) and first["active"] == second["active"]
