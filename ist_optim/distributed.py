@@ -16,10 +16,12 @@ the same order in float64, so the result is bit-identical whatever the
 backend's reduction order. That costs one tiny collective per probe round
 instead of a broadcast (and a synchronisation) every step, and makes a
 checkpoint written by any rank valid for all. What identical state cannot
-cover (a per-rank ``seed``, a checkpoint loaded on one rank only) is caught
-by :class:`DistributedSupport`'s consistency check: always at the first
-step and after ``load_state_dict``, every step when ``check_consistency=True``
-or ``IST_CHECK_CONSISTENCY=1``.
+cover is caught by :class:`DistributedSupport`'s consistency check: a
+per-rank ``seed`` always, at the first step; a checkpoint loaded on some
+ranks only, or anything else that drifts, when ``check_consistency=True`` or
+``IST_CHECK_CONSISTENCY=1`` compares every step. (Whether a collective runs
+must not depend on rank-local events such as a load: a rank that checked
+alone would wait for the others forever.)
 
 Setups that cannot work fail when IST is built, or at the first training
 forward when a launcher (accelerate ``prepare``, HF ``Trainer``) wraps the
@@ -227,7 +229,7 @@ class DistributedSupport:
 
     Attributes:
         check_every_step: the consistency check runs after every step.
-        verify_next_step: the check runs after the next step (first step, after ``load_state_dict``).
+        verify_next_step: the check runs after the next step (the first step, on every rank alike).
     """
 
     def __init__(self, opt: Any, check_consistency: bool | None) -> None:

@@ -65,11 +65,11 @@ CALLER_ONLY_KWARGS = ("num_items_in_batch",)
 # used inside it are invisible in the graph until it recomputes in backward.
 _OPAQUE_NODES = ("CheckpointFunctionBackward",)
 
-_CUT_MARK = "_ist_cut_block"
+_CUT_MARK = "_ist_cut_block"  # set on a block input that was cut, for the non-reentrant recompute
 
 # A leaf upstream that is neither a parameter nor behind the forward's inputs: a tensor made to require
 # grad inside the forward (e.g. an adversarial perturbation added by a hook). Its owner may read its grad.
-_UNKNOWN_LEAF = "a tensor that requires grad (made inside the forward, e.g. by a hook)"  # set on a block input that was cut, for the non-reentrant recompute
+_UNKNOWN_LEAF = "a tensor that requires grad (made inside the forward, e.g. by a hook)"
 
 
 def _hidden_state(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | int | None]:
@@ -181,7 +181,11 @@ class _Forward:
     calls: dict[int, int] = field(default_factory=dict)  # block index -> calls so far
     selected_seen: bool = False
     needed: dict[int, str] | None = None  # id -> description of tensors whose gradient is needed
-    input_embeddings: set[int] = field(default_factory=set)  # ids of the input embeddings' outputs
+    # the input embeddings' outputs, held (not just their ids) so no other tensor can reuse an id mid-forward
+    input_embeddings: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def is_input_embedding(self, tensor: torch.Tensor) -> bool:
+        return self.input_embeddings.get(id(tensor)) is tensor
 
 
 class ModelHooks:
@@ -262,6 +266,8 @@ class ModelHooks:
     def attach(self, owner: object) -> None:
         """Serve ``owner`` (after the optimizer was deep-copied or unpickled with these hooks)."""
         self._owner = weakref.ref(owner)
+        if not self.removed:
+            self._apply_flags()
 
     def _is_stale(self) -> bool:
         owner = self._owner() if self._owner is not None else None
@@ -281,11 +287,12 @@ class ModelHooks:
             new.__dict__[key] = copy.deepcopy(value, memo)
         owner = self._owner() if self._owner is not None else None
         if owner is None or id(owner) not in memo:
-            # The model was copied without its optimizer: the copy must train as a
-            # plain model. Its hook handles are removed at its first forward (its
-            # hook dicts are still being copied now).
+            # The model was copied without its optimizer (yet: deepcopy((model, opt)) copies the
+            # optimizer next and re-attaches): until an optimizer attaches, the copy trains as a plain
+            # model. Unattached, the hooks remove themselves at the copy's first forward (its hook
+            # dicts are still being copied now).
+            new._owner = None
             new._restore_flags()
-            new.removed = True
         return new
 
     # ------------------------------------------------------------------ selection
@@ -315,11 +322,12 @@ class ModelHooks:
             self._remove_handles()
             return
         if self._is_stale():
-            warnings.warn(
-                "IST: this model carries the hooks of an IST optimizer that no longer exists (it was deleted, or "
-                "the model was copied without it); removed them and restored requires_grad",
-                stacklevel=2,
-            )
+            if self._owner is not None:  # (None: copied or unpickled without an optimizer; nothing to say)
+                warnings.warn(
+                    "IST: this model carries the hooks of an IST optimizer that no longer exists or was replaced; "
+                    "removed them and restored requires_grad",
+                    stacklevel=2,
+                )
             self.remove()
             return
         training = not self.probing and module.training and torch.is_grad_enabled()
@@ -344,7 +352,7 @@ class ModelHooks:
         if forward is not None and isinstance(output, torch.Tensor):
             # HF's enable_input_require_grads makes this output a leaf that requires grad
             # (in place, so this object): the one leaf whose gradient nobody reads.
-            forward.input_embeddings.add(id(output))
+            forward.input_embeddings[id(output)] = output
 
     def _before_block_forward(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.removed or self.probing:
@@ -408,7 +416,7 @@ class ModelHooks:
         """Why cutting backward at ``hidden`` would lose a gradient someone needs, or ``None`` if it would not."""
         needed = self._needed(forward)
         if hidden.grad_fn is None:
-            return None if id(hidden) in forward.input_embeddings else needed.get(id(hidden), _UNKNOWN_LEAF)
+            return None if forward.is_input_embedding(hidden) else needed.get(id(hidden), _UNKNOWN_LEAF)
         hidden_trainable = any(pid not in self._selected_ids for pid in needed)
         seen: set[Any] = set()
         stack = [hidden.grad_fn]
@@ -419,7 +427,7 @@ class ModelHooks:
             seen.add(node)
             variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
             if variable is not None:
-                if id(variable) not in forward.input_embeddings:
+                if not forward.is_input_embedding(variable):
                     return needed.get(id(variable), _UNKNOWN_LEAF)
                 continue
             if hidden_trainable and type(node).__name__ in _OPAQUE_NODES:

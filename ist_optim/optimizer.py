@@ -108,11 +108,12 @@ class IST(Optimizer):
             paper's random sparse tuning; no probes), or a
             :class:`~ist_optim.policies.LayerPolicy` (:class:`~ist_optim.FixedLayers`,
             :class:`~ist_optim.WeightedLayers`, your own), which then decides how
-            many layers train (``active_layers`` and the probe options apply to
-            ``"ist"`` and ``"random"`` only). See :mod:`ist_optim.policies`.
+            many layers train (``active_layers`` applies to ``"ist"`` and ``"random"``
+            only; the probe options to ``"ist"`` and to policies whose ``uses_probes``
+            is true). See :mod:`ist_optim.policies`.
         check_consistency: in a distributed run, compare a hash of the selection, importance and
             generator state across ranks after every step and raise on disagreement (it is always
-            compared after the first step and after ``load_state_dict``); default ``None`` = the
+            compared after the first step); default ``None`` = the
             ``IST_CHECK_CONSISTENCY`` environment variable. See :mod:`ist_optim.distributed`.
 
     Attributes:
@@ -171,7 +172,7 @@ class IST(Optimizer):
         if not isinstance(policy, LayerPolicy) and policy not in POLICIES:
             raise ValueError(f"Invalid policy: {policy!r} (expected one of {POLICIES} or a LayerPolicy)")
         probes_enabled = _check_int(num_probes, "num_probes", "an int >= 0") > 0 and probe_interval > 0
-        probes_enabled = probes_enabled and policy == "ist"
+        probes_enabled = probes_enabled and (policy == "ist" or getattr(policy, "uses_probes", False))
         if probes_enabled and suppression == 1.0:
             raise ValueError(
                 "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
@@ -477,7 +478,6 @@ class IST(Optimizer):
             self.num_steps = int(ist_state["num_steps"])
             self.num_probe_updates_missed = int(ist_state["num_probe_updates_missed"])
         self._set_selection(self.scheduler.active)
-        self.distributed.verify_next_step = True  # every rank must have loaded the same state
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -345,3 +345,19 @@ def test_batched_probes_accept_gpt2_lm_head_model():
     batched = probe_losses(model, opt.adapters, beta, batch=opt.hooks.probe_batch, mode="batched")
     sequential = probe_losses(model, opt.adapters, beta, batch=opt.hooks.probe_batch, mode="sequential")
     torch.testing.assert_close(batched, sequential, rtol=1e-10, atol=1e-12)
+
+
+def test_deepcopy_of_model_and_optimizer_together_in_either_order():
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1, num_probes=0)
+    train(model, opt, 1)
+    for pair in ((model, opt), (opt, model)):
+        copied = copy.deepcopy(pair)
+        copied_model, copied_opt = (copied[1], copied[0]) if isinstance(copied[0], ISTAdamW) else copied
+        assert copied_opt.model is copied_model
+        train(copied_model, copied_opt, 2)  # steps (no "hooks were removed") and trains its selection only
+        assert copied_opt.num_steps == 3
+        trainable = {n for n, p in copied_model.named_parameters() if p.requires_grad}
+        selected = {n for n, p in copied_model.named_parameters()
+                    for i in copied_opt.active_layers if n.startswith(copied_opt.layer_names[i] + ".") and "lora_" in n}
+        assert trainable == selected

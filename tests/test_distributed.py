@@ -483,3 +483,31 @@ def test_a_rank_with_nothing_to_probe_makes_every_rank_skip_instead_of_hanging(t
     first, second = run_workers(_one_rank_without_a_probe_loss, tmp_path)
     assert first["skipped"] == second["skipped"] == 2 and first["updates"] == second["updates"] == 0
     assert torch.equal(first["importance"], second["importance"]) and first["active"] == second["active"]
+
+
+def _load_on_one_rank(rank: int) -> str:
+    init_gloo(rank)
+    model = DDP(tiny_peft_llama(), find_unused_parameters=True)
+    opt = ISTAdamW(model, lr=1e-2, check_consistency=True, **IST_OPTIONS)
+
+    def step(i: int) -> None:
+        model(**rank_batch(i, rank)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(0)
+    saved = opt.state_dict()
+    step(1)
+    step(2)
+    if rank == 0:
+        opt.load_state_dict(saved)  # the mistake: a checkpoint loaded on some ranks only
+    try:
+        step(3)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_checkpoint_loaded_on_one_rank_only_is_caught_without_a_hang(tmp_path):
+    messages = run_workers(_load_on_one_rank, tmp_path)
+    assert all("ranks disagree" in message for message in messages), messages

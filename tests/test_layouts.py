@@ -336,3 +336,38 @@ def test_a_perturbation_added_by_a_hook_keeps_its_gradient():
     # without the perturbation, the input embeddings' own leaf is cut away from as before
     model(**batch).loss.backward()
     assert opt.memory_report()["backward_cuts"] == 1
+
+
+class RebindingNet(nn.Module):
+    """The embedding's output dies mid-forward (``h = emb(ids) * 2``) and a perturbation leaf is made after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH).requires_grad_(False)
+        self.layers = nn.ModuleList(Block() for _ in range(3))
+        self.deltas: list[torch.Tensor] = []
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(ids) * 2.0
+        delta = torch.zeros_like(hidden, requires_grad=True)  # may reuse the dead output's id
+        self.deltas.append(delta)
+        hidden = hidden + delta
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden.pow(2).mean()
+
+
+def test_a_leaf_made_after_the_embedding_output_died_keeps_its_gradient():
+    torch.manual_seed(0)
+    model = RebindingNet()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1, num_probes=0)
+    opt._set_selection([0])
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    for _ in range(20):  # the id reuse is up to the allocator: try many times
+        model.deltas.clear()
+        model(ids).backward()
+        assert model.deltas[0].grad is not None
+    assert opt.hooks.cut_count == 0

@@ -58,7 +58,9 @@ class RoundRobin(LayerPolicy):
         return list(self.active)
 
 
-@pytest.mark.parametrize("make", [lambda: RoundRobin(), lambda: WeightedLayers([1.0, 2.0, 3.0, 4.0], 2, seed=5)])
+@pytest.mark.parametrize(
+    "make", [lambda: RoundRobin(), lambda: WeightedLayers([1.0, 2.0, 3.0, 4.0], 2, seed=5), lambda: "random"]
+)
 def test_a_policy_resumes_bit_for_bit(make):
     def run(opt, model, steps, seed=0):
         selections = []
@@ -111,3 +113,34 @@ def test_bad_policy_arguments_are_refused():
         FixedLayers([1, 1])
     with pytest.raises(ValueError, match="non-negative"):
         WeightedLayers([1.0, -1.0])
+
+
+class ProbingRoundRobin(RoundRobin):
+    """A user's policy that learns from probe passes: it records what IST gives it."""
+
+    uses_probes = True
+
+    def __init__(self):
+        super().__init__()
+        self.updates = []
+
+    def sample_candidates(self) -> torch.Tensor:
+        kept = torch.zeros(2, self.num_layers, dtype=torch.bool)
+        kept[0, ::2] = kept[1, 1::2] = True
+        return kept
+
+    def update(self, kept: torch.Tensor, losses: torch.Tensor) -> bool:
+        self.updates.append(losses.clone())
+        return True
+
+
+def test_a_user_policy_with_probes_gets_probe_losses():
+    model = tiny_peft_llama(num_layers=4)
+    policy = ProbingRoundRobin()
+    opt = ISTAdamW(model, lr=1e-2, policy=policy, probe_interval=2)
+    assert opt.probes_enabled
+    for step in range(4):
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(policy.updates) == 2 and all(u.shape == (2,) and u[0] != u[1] for u in policy.updates)
