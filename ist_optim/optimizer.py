@@ -51,7 +51,7 @@ from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
 from .policies import LayerPolicy
 from .scheduler import ImportanceScheduler, as_int
-from .suppression import KERNEL_CHOICES, find_adapter_modules
+from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules
 
 __all__ = ["IST", "ISTAdamW"]
 
@@ -222,6 +222,10 @@ class IST(Optimizer):
         self.adapters = find_adapter_modules(model, self.layer_map.params)
         if self.probes_enabled:
             missing = [name for name, mods in zip(self.layer_map.names, self.adapters) if not mods]
+            if len(missing) == len(self.adapters) and all(m is not None for m in self.layer_map.modules):
+                # Full-layer mode: no adapters anywhere, so a probe scales each block's residual update.
+                self.adapters = [[BlockResidual(block)] for block in self.layer_map.modules]
+                missing = []
             if missing:
                 raise ValueError(
                     f"probes need adapter modules (a module with a base_layer, as peft's) in every layer, but "

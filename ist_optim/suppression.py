@@ -24,6 +24,8 @@ Three ways to scale, chosen per module:
   instance (``fuse_lora``, accelerate): swapping it would bypass that patch;
 * ``ist_optim.adapters`` (series and parallel bottlenecks): multiply their
   ``scale`` by beta, exact for the same reason;
+* full-layer mode (no adapters): :class:`BlockResidual` scales the block's
+  residual update, ``h + beta * (block(h) - h)``;
 * anything else (DoRA, other tuners, users' adapters): a forward hook
   recomputes ``base = base_layer(x)`` and returns ``base + beta * (out - base)``
   (one extra base matmul per module; DoRA needs it because a zero scale does
@@ -41,7 +43,7 @@ from torch import nn
 
 from .fused_lora import has_linear_up_projections, is_fusable, is_vanilla_lora, lora_forward, patch_forward
 
-__all__ = ["find_adapter_modules", "suppress", "is_adapter_module", "KERNEL_CHOICES"]
+__all__ = ["BlockResidual", "find_adapter_modules", "suppress", "is_adapter_module", "KERNEL_CHOICES"]
 
 Undo = Callable[[], None]
 
@@ -156,6 +158,36 @@ def _scale_output_delta(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     return module.register_forward_hook(hook).remove
 
 
+class BlockResidual:
+    """Full-layer mode (a layer trains all its parameters, no adapters): the block itself is suppressed.
+
+    Its residual update is scaled: ``h + beta * (block(h) - h)`` with ``h`` the
+    block's hidden-state input (first positional tensor or ``hidden_states=``);
+    ``beta = 0`` skips the block, ``1`` leaves it as it is. For a tuple output
+    the first element is the hidden state.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+
+def _scale_block_residual(holder: BlockResidual, beta: float | torch.Tensor) -> Undo:
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+        out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(hidden, torch.Tensor) or not isinstance(out, torch.Tensor) or hidden.shape != out.shape:
+            raise RuntimeError(
+                f"full-layer probes scale a block's residual update, but {type(mod).__name__} does not map its "
+                "hidden-state input (first positional tensor or hidden_states=) to an output of the same shape; "
+                "use adapters, or num_probes=0"
+            )
+        scale = beta if isinstance(beta, float) else _row_scale(beta, out)
+        scaled = hidden + scale * (out - hidden)
+        return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
+
+    return holder.block.register_forward_hook(hook, with_kwargs=True).remove
+
+
 def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     """Vanilla LoRA ``Linear`` on the Triton path: the beta-scaled term is added in place by one kernel."""
     from .kernels import lora_expand
@@ -201,6 +233,8 @@ def _scale_adapter_scale(module: nn.Module, beta: float | torch.Tensor) -> Undo:
 def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:
     from .adapters import BottleneckAdapter
 
+    if isinstance(module, BlockResidual):
+        return _scale_block_residual
     if isinstance(module, BottleneckAdapter):
         return _scale_adapter_scale
     if not is_vanilla_lora(module):

@@ -229,12 +229,18 @@ def test_importance_moves_toward_the_layer_whose_suppression_hurts(rule, importa
     assert importance[important] > others.max() + 0.1, importance
 
 
-def test_probe_layers_outside_adapters_raise_when_probes_are_on():
-    """A layer trained in full (no adapter module) cannot be suppressed: say so at construction."""
-    model = Net()
+def test_layers_with_and_without_adapters_mixed_raise_when_probes_are_on():
+    """Layers with adapters and layers trained in full cannot be probed alike: say so at construction."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["blocks.0.fc", "blocks.1.fc"]))
+    for name, p in model.named_parameters():
+        if ".blocks.5." in name:
+            p.requires_grad_(True)  # block 5 trains in full
     with pytest.raises(ValueError, match="num_probes=0"):
         ISTAdamW(model, lr=1e-3)
     ISTAdamW(model, lr=1e-3, num_probes=0)
+    ISTAdamW(Net(), lr=1e-3, loss_fn=lambda out, x: out.pow(2).mean())  # no adapters at all: full-layer mode
 
 
 def test_merged_adapters_refuse_to_be_suppressed():
