@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,24 +99,26 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _graph_nodes(tensor: torch.Tensor) -> Iterator[Any]:
+    """Every node of ``tensor``'s autograd graph, once each (an ``AccumulateGrad`` node's ``.variable`` is a leaf)."""
+    seen: set[Any] = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
 def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The leaves that require grad in ``tensor``'s autograd graph (``tensor`` itself if it is one)."""
     if not tensor.requires_grad:
         return []
     if tensor.grad_fn is None:
         return [tensor]
-    leaves, seen, stack = [], set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad
-        if variable is not None:
-            leaves.append(variable)
-        else:
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
+    return [node.variable for node in _graph_nodes(tensor) if hasattr(node, "variable")]
 
 
 def _input_embeddings(model: nn.Module) -> list[nn.Module]:
@@ -178,7 +181,6 @@ class _Forward:
     """Book-keeping of one training forward of the model."""
 
     inputs: tuple[tuple, dict]
-    calls: dict[int, int] = field(default_factory=dict)  # block index -> calls so far
     selected_seen: bool = False
     needed: dict[int, str] | None = None  # id -> description of tensors whose gradient is needed
     # the input embeddings' outputs, held (not just their ids) so no other tensor can reuse an id mid-forward
@@ -242,7 +244,7 @@ class ModelHooks:
         self._flags: list[bool] = [False] * len(layer_map)
         self._selected_ids: set[int] = set()
         self._forwards: list[_Forward | None] = []  # one entry per model call in progress
-        self._reentrant_cuts: dict[tuple, bool] = {}
+        self._reentrant_cuts: set[tuple] = set()  # storage keys of block inputs to cut when recomputed
 
         self._handles = [
             model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True),
@@ -362,13 +364,12 @@ class ModelHooks:
             if torch.is_grad_enabled() and block.training:
                 return self._replay_cut(index, args, kwargs)  # a checkpointed block recomputing in backward
             return None
-        forward.calls[index] = forward.calls.get(index, 0) + 1
         hidden, where = _hidden_state(args, kwargs)
         first_selected = self._flags[index] and not forward.selected_seen
         if self._flags[index]:
             forward.selected_seen = True
         if hidden is not None and not torch.is_grad_enabled():
-            self._reentrant_cuts.pop(_storage_key(index, hidden), None)  # a stale decision for this memory
+            self._reentrant_cuts.discard(_storage_key(index, hidden))  # a stale decision for this memory
         if not first_selected or hidden is None or not hidden.requires_grad:
             return None  # nothing to cut: no gradient flows back through this input
         reason = self._upstream_needs_grad(forward, hidden)
@@ -378,7 +379,7 @@ class ModelHooks:
         self.cut_count += 1
         if not torch.is_grad_enabled():
             # First pass of reentrant checkpointing (no graph is built here): cut when it recomputes.
-            self._reentrant_cuts[_storage_key(index, hidden)] = True
+            self._reentrant_cuts.add(_storage_key(index, hidden))
             return None
         setattr(hidden, _CUT_MARK, index)  # a non-reentrant recompute must cut the same way
         cut = hidden.detach()
@@ -394,13 +395,17 @@ class ModelHooks:
             return None
         if getattr(hidden, _CUT_MARK, None) == index:  # non-reentrant: the very tensor the forward cut
             return _replace_hidden(args, kwargs, where, hidden.detach())
-        if self._reentrant_cuts.get(_storage_key(index, hidden)):
+        if _storage_key(index, hidden) in self._reentrant_cuts:
             # Reentrant: the block's parameters get gradients only if its input requires grad.
             return _replace_hidden(args, kwargs, where, hidden.detach().requires_grad_(True))
         return None
 
     def _needed(self, forward: _Forward) -> dict[int, str]:
-        """Tensors whose gradient someone may read: trainable parameters and the caller's input leaves."""
+        """Names for the tensors whose gradient someone may read: trainable parameters, the caller's input leaves.
+
+        Built only when the graph walk meets a leaf or an opaque node (not on the common path, where
+        the only leaf upstream is the input embeddings' output).
+        """
         if forward.needed is None:
             needed = {id(p): f"parameter {name!r}" for name, p in self.model.named_parameters() if p.requires_grad}
             for p in self.layer_map.other_params:
@@ -414,25 +419,18 @@ class ModelHooks:
 
     def _upstream_needs_grad(self, forward: _Forward, hidden: torch.Tensor) -> str | None:
         """Why cutting backward at ``hidden`` would lose a gradient someone needs, or ``None`` if it would not."""
-        needed = self._needed(forward)
-        if hidden.grad_fn is None:
-            return None if forward.is_input_embedding(hidden) else needed.get(id(hidden), _UNKNOWN_LEAF)
-        hidden_trainable = any(pid not in self._selected_ids for pid in needed)
-        seen: set[Any] = set()
-        stack = [hidden.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        if hidden.grad_fn is None:  # a leaf itself
+            if forward.is_input_embedding(hidden):
+                return None
+            return self._needed(forward).get(id(hidden), _UNKNOWN_LEAF)
+        for node in _graph_nodes(hidden):
             variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-            if variable is not None:
-                if not forward.is_input_embedding(variable):
-                    return needed.get(id(variable), _UNKNOWN_LEAF)
-                continue
-            if hidden_trainable and type(node).__name__ in _OPAQUE_NODES:
+            if variable is not None and not forward.is_input_embedding(variable):
+                return self._needed(forward).get(id(variable), _UNKNOWN_LEAF)
+            if type(node).__name__ in _OPAQUE_NODES and any(
+                pid not in self._selected_ids for pid in self._needed(forward)
+            ):
                 return "a reentrant checkpoint (whose trainable parameters autograd cannot show until backward)"
-            stack.extend(next_node for next_node, _ in node.next_functions)
         return None
 
     def _skip_cut(self, index: int, reason: str) -> None:

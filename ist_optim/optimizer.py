@@ -188,12 +188,7 @@ class IST(Optimizer):
         # An earlier IST's hooks (a re-run notebook cell, a deleted optimizer, a
         # deep-copied model) would fight over requires_grad and have frozen
         # adapters this one must see as trainable: replace them.
-        if detach_existing_hooks(model):
-            warnings.warn(
-                "IST: the model already carried an IST optimizer's hooks; removed them (the earlier optimizer no "
-                "longer trains this model) and restored the requires_grad flags they found",
-                stacklevel=2,
-            )
+        _replace_earlier_hooks(model)
         # Only parameters trainable now are ever toggled: frozen weights in the
         # optimizer (e.g. model.parameters() of a peft model) stay frozen.
         optimizer_params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -524,6 +519,16 @@ def _check_model(model: Any) -> None:
         )
 
 
+def _replace_earlier_hooks(model: nn.Module) -> None:
+    """Remove an earlier IST's hooks from ``model`` (restoring the flags they found), with a warning."""
+    if detach_existing_hooks(model):
+        warnings.warn(
+            "IST: the model already carried an IST optimizer's hooks; removed them (the earlier optimizer no "
+            "longer trains this model) and restored the requires_grad flags they found",
+            stacklevel=3,
+        )
+
+
 def _check_int(value: Any, name: str, need: str) -> int:
     count = as_int(value)
     if count is None or count < 0:
@@ -564,6 +569,9 @@ def _forward_amp_scaling(wrapper: IST, inner: Optimizer) -> Iterator[None]:
 def _global_step_hooks_suspended() -> Iterator[None]:
     """Hooks from ``torch.optim.optimizer.register_optimizer_step_pre/post_hook`` fire once per step, for the wrapper."""
     registries = (torch_optimizer._global_optimizer_pre_hooks, torch_optimizer._global_optimizer_post_hooks)
+    if not any(registries):  # the usual case: nothing to suspend
+        yield
+        return
     saved = [dict(registry) for registry in registries]
     for registry in registries:
         registry.clear()
@@ -608,12 +616,7 @@ class ISTAdamW(IST):
     ) -> None:
         _check_model(model)
         if params is None:
-            if detach_existing_hooks(model):  # before reading requires_grad: stale hooks froze some adapters
-                warnings.warn(
-                    "IST: the model already carried an IST optimizer's hooks; removed them (the earlier optimizer "
-                    "no longer trains this model) and restored the requires_grad flags they found",
-                    stacklevel=2,
-                )
+            _replace_earlier_hooks(model)  # before reading requires_grad: an earlier IST froze some adapters
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(

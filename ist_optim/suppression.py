@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .fused_lora import has_linear_up_projections, is_fusable, is_vanilla_lora, lora_forward, patch_forward
+from .hooks import _hidden_state
 
 __all__ = ["BlockResidual", "find_adapter_modules", "suppress", "is_adapter_module", "KERNEL_CHOICES"]
 
@@ -116,23 +117,20 @@ def _check_not_merged(module: nn.Module) -> None:
         )
 
 
-def _scale_lora_scaling(module: nn.Module, beta: float | torch.Tensor) -> Undo:
-    """Multiply peft LoRA's ``scaling`` by beta for the duration; exact since the term is linear in it."""
-    original = dict(module.scaling)
+def _scale_for_forwards(
+    module: nn.Module, beta: float | torch.Tensor, apply: Callable[[Any], None], restore: Undo
+) -> Undo:
+    """``apply(beta)`` for the duration; per-row betas around each forward, as the row count is in the input.
 
-    def restore() -> None:
-        module.scaling.update(original)
-
+    ``apply`` multiplies a factor the adapter term is linear in (LoRA's ``scaling``, an adapter's ``scale``)
+    by a float or by a ``(rows, 1, ..., 1)`` tensor; ``restore`` puts the original back.
+    """
     if isinstance(beta, float):
-        for name, value in original.items():
-            module.scaling[name] = value * beta
+        apply(beta)
         return restore
 
-    # Per-row betas: the row count is only known from the input.
     def pre_hook(mod: nn.Module, args: tuple) -> None:
-        scale = _row_scale(beta, args[0])
-        for name, value in original.items():
-            mod.scaling[name] = scale * value
+        apply(_row_scale(beta, args[0]))
 
     def post_hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
         restore()
@@ -145,6 +143,17 @@ def _scale_lora_scaling(module: nn.Module, beta: float | torch.Tensor) -> Undo:
         restore()
 
     return undo
+
+
+def _scale_lora_scaling(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+    """Multiply peft LoRA's ``scaling`` by beta for the duration; exact since the term is linear in it."""
+    original = dict(module.scaling)
+
+    def apply(factor: Any) -> None:
+        for name, value in original.items():
+            module.scaling[name] = value * factor
+
+    return _scale_for_forwards(module, beta, apply, lambda: module.scaling.update(original))
 
 
 def _scale_output_delta(module: nn.Module, beta: float | torch.Tensor) -> Undo:
@@ -173,7 +182,7 @@ class BlockResidual:
 
 def _scale_block_residual(holder: BlockResidual, beta: float | torch.Tensor) -> Undo:
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+        hidden, _ = _hidden_state(args, kwargs)
         out = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor) or not isinstance(out, torch.Tensor) or hidden.shape != out.shape:
             raise RuntimeError(
@@ -207,27 +216,13 @@ def _scale_adapter_scale(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     """ist_optim's bottleneck adapters: multiply their ``scale`` by beta (the adapter term is linear in it)."""
     original = module.scale
 
+    def apply(factor: Any) -> None:
+        module.scale = original * factor
+
     def restore() -> None:
         module.scale = original
 
-    if isinstance(beta, float):
-        module.scale = original * beta
-        return restore
-
-    def pre_hook(mod: nn.Module, args: tuple) -> None:
-        mod.scale = _row_scale(beta, args[0]) * original
-
-    def post_hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        restore()
-
-    handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(post_hook)]
-
-    def undo() -> None:
-        for handle in handles:
-            handle.remove()
-        restore()
-
-    return undo
+    return _scale_for_forwards(module, beta, apply, restore)
 
 
 def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:

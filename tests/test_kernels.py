@@ -220,13 +220,19 @@ def test_fuse_lora_keeps_a_forward_patched_on_the_instance_before_or_after_it():
     assert sum("forward" in vars(m) for m in model.modules()) == 2
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batched"])
-def test_triton_probes_keep_a_forward_patched_on_the_instance(mode):
+def two_layer_probe_setup():
+    """A 2-layer peft LLaMA, its adapters, two candidates' betas and a batch for ``probe_losses``."""
     model = peft_llama(False, num_layers=2)
     layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
     adapters = find_adapter_modules(model, layer_map.params)
     beta = torch.tensor([[1.0, 0.25], [0.25, 1.0]], dtype=torch.float64)
     batch = ((), {k: v.to(DEVICE) for k, v in lm_batch().items()})
+    return model, adapters, beta, batch
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_triton_probes_keep_a_forward_patched_on_the_instance(mode):
+    model, adapters, beta, batch = two_layer_probe_setup()
     torch_losses = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="torch")
     calls: list = []
     patched = {module: patch_by_user(module, calls) for module in (adapters[0][0], adapters[1][3])}
@@ -244,11 +250,7 @@ def test_triton_probes_keep_a_forward_patched_on_the_instance(mode):
 @pytest.mark.parametrize("mode", ["sequential", "batched"])
 def test_probes_on_a_fused_model_equal_the_unfused_model(mode, kernels):
     """fuse_lora's forward stays in place and reads the scaled ``scaling`` (per-row tensors go to peft's forward)."""
-    model = peft_llama(False, num_layers=2)
-    layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
-    adapters = find_adapter_modules(model, layer_map.params)
-    beta = torch.tensor([[1.0, 0.25], [0.25, 1.0]], dtype=torch.float64)
-    batch = ((), {k: v.to(DEVICE) for k, v in lm_batch().items()})
+    model, adapters, beta, batch = two_layer_probe_setup()
     expected = probe_losses(model, adapters, beta, batch=batch, mode=mode, kernels="torch")
     handle = fuse_lora(model)
     fused = {m: vars(m)["forward"] for m in handle.modules}
