@@ -5,9 +5,10 @@ layers gives no error, only silently diverging replicas under DDP and
 mismatched collectives (mixed gradients or a hang) under FSDP2
 (``../shared/DESIGN.md`` section 5).
 
-**Selection follows from identical state; nothing is broadcast.** The
-scheduler's generator is seeded from the ``seed`` option (never from the
-global RNG, which launchers often seed per rank), and every rank draws from
+**Selection follows from identical state; nothing is broadcast per step.**
+The scheduler's generator is seeded from the ``seed`` option (by default
+``torch.initial_seed()`` of rank 0, broadcast once when IST is built, since
+launchers often seed ranks apart), and every rank draws from
 it in the same order, so the selection is a pure function of (seed, step,
 importance). Importance stays identical because the only rank-local input,
 the probe losses, is made identical first: :func:`reduce_probe_losses`
@@ -54,6 +55,7 @@ __all__ = [
     "consistency_check_enabled",
     "is_distributed",
     "reduce_probe_losses",
+    "shared_seed",
     "unwrap_model",
 ]
 
@@ -186,6 +188,22 @@ def _gather(value: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, value)
     return torch.stack(parts).cpu()
+
+
+def shared_seed(seed: int) -> int:
+    """IST's default seed: ``seed`` folded into ``[0, 2**63)``, and in a distributed run rank 0's.
+
+    The default follows ``torch.initial_seed()``, which launchers often set per
+    rank (``seed + rank``) while every rank must draw the same layers: one
+    broadcast when IST is built. (An explicit ``seed=`` is never broadcast, so
+    per-rank seeds passed on purpose still fail the consistency check.)
+    """
+    seed = int(seed) % 2**63
+    if not is_distributed():
+        return seed
+    value = torch.tensor([seed], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(value, src=0)
+    return int(value.item())
 
 
 def reduce_probe_losses(losses: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from .distributed import (
     check_distributed_model,
     is_distributed,
     reduce_probe_losses,
+    shared_seed,
     unwrap_model,
 )
 from .eviction import STATE_POLICIES, StateEvictor
@@ -88,8 +89,10 @@ class IST(Optimizer):
             on CUDA, torch otherwise), ``"triton"`` or ``"torch"``, for the
             probe passes; see :mod:`ist_optim.kernels`.
         loss_fn: ``loss_fn(output, *args, **kwargs) -> scalar`` for probes,
-            called with the model output and the captured forward inputs;
-            default ``output.loss`` (HF models called with ``labels``).
+            called with the model output and the captured forward inputs, plus
+            as keywords what :meth:`set_loss_inputs` registered for the step
+            (e.g. labels that are not forward inputs); default ``output.loss``
+            (HF models called with ``labels``).
         layers: the blocks, overriding discovery (``nn.ModuleList`` or list).
         layer_of: ``param name -> layer index or None``, overriding discovery
             (the layers then are no modules: no backward cut, no selective checkpointing).
@@ -102,7 +105,9 @@ class IST(Optimizer):
         checkpoint_unselected: recompute unselected blocks above the lowest
             selected one in backward instead of storing their activations
             (default ``False``; less memory for one extra forward through them).
-        seed: seed of the scheduler's generator. Default 0.
+        seed: seed of the scheduler's generator. Default ``None``: ``torch.initial_seed()``
+            (what ``torch.manual_seed`` set), so runs seeded differently draw different layers;
+            in a distributed run rank 0's, broadcast once here (launchers often seed ranks apart).
         policy: how the layers are chosen: ``"ist"`` (the importance bandit,
             default), ``"random"`` (uniform without replacement, as LISA and the
             paper's random sparse tuning; no probes), or a
@@ -143,7 +148,7 @@ class IST(Optimizer):
         state_policy: str = "auto",
         backward_cut: bool | None = None,
         checkpoint_unselected: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         check_consistency: bool | None = None,
         policy: str | LayerPolicy = "ist",
     ) -> None:
@@ -178,6 +183,9 @@ class IST(Optimizer):
                 "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
                 "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
             )
+        if seed is not None and as_int(seed) is None:
+            raise TypeError(f"seed must be an int or None, but got {type(seed).__name__}")
+        seed = shared_seed(torch.initial_seed()) if seed is None else as_int(seed)
         inner = unwrap_model(model)  # the module inside a DDP wrapper
         if probes_enabled and probe_mode == "batched" and loss_fn is None and hf_causal_lm_loss(inner) is None:
             raise ValueError(
@@ -259,13 +267,14 @@ class IST(Optimizer):
             state_policy=state_policy,
             backward_cut=backward_cut,
             checkpoint_unselected=checkpoint_unselected,
-            seed=int(seed),
+            seed=seed,
             check_consistency=check_consistency,
         )
         for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
             value = self.options[key]
             self.options[key] = int(value) if as_int(value) is not None else float(value)
         self.loss_fn = loss_fn
+        self._loss_inputs: dict[str, Any] = {}  # set_loss_inputs(), for the coming step's probes
         self.num_steps = 0
         self.num_probe_updates_missed = 0  # probe rounds with no batch, or no loss, to probe with
         self.evictor = StateEvictor(optimizer, self.layer_map.params, state_policy)
@@ -320,6 +329,32 @@ class IST(Optimizer):
         report["backward_cuts_skipped"] = self.hooks.cut_skip_count
         return report
 
+    def set_loss_inputs(self, **values: Any) -> None:
+        """Register what the probe ``loss_fn`` needs beyond the forward's inputs, for the coming step.
+
+        E.g. labels a loss computes outside the model (a verbalizer's label ids)::
+
+            opt = ISTAdamW(model, loss_fn=lambda out, *args, target, **kwargs: F.cross_entropy(
+                out.logits[:, -1, label_words], target))
+            for ids, mask, target in loader:
+                out = model(input_ids=ids, attention_mask=mask)
+                F.cross_entropy(out.logits[:, -1, label_words], target).backward()
+                opt.set_loss_inputs(target=target)   # the probes rerun (ids, mask), then call loss_fn
+                opt.step(); opt.zero_grad()
+
+        The values go to ``loss_fn`` as keywords together with the captured
+        forward's keyword arguments, in the probe round of the next
+        :meth:`step` only; every step forgets them, so a stale target can never
+        meet a newer batch. Without probes this step (other steps, or a policy
+        without probes) they are simply dropped.
+        """
+        if self.probes_enabled and self.loss_fn is None:
+            raise ValueError(
+                "set_loss_inputs: the values are passed to loss_fn, and this IST has none; build it with "
+                "loss_fn=(output, *args, **kwargs) -> scalar"
+            )
+        self._loss_inputs = dict(values)
+
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step on the selected layers, then (every ``probe_interval``) an importance update.
@@ -346,10 +381,12 @@ class IST(Optimizer):
         with _forward_amp_scaling(self, self.optimizer), _global_step_hooks_suspended():
             self.optimizer.step()  # the global step hooks fired once already, for this optimizer
         if found_inf is not None and bool(found_inf.sum() > 0):
+            self._loss_inputs = {}
             return loss  # the fused step skipped itself on inf/NaN gradients; so does the selection, as without fusion
         self.num_steps += 1
         if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
             self._update_importance()
+        self._loss_inputs = {}
         self._set_selection(self.scheduler.sample_active())
         self.distributed.after_step(self)  # every rank must now hold the same selection and importance
         return loss
@@ -373,7 +410,7 @@ class IST(Optimizer):
                     self.adapters,
                     beta,
                     batch=self.hooks.probe_batch,
-                    loss_fn=self.loss_fn,
+                    loss_fn=self._loss_fn_with_inputs(),
                     mode=self.options["probe_mode"],
                     kernels=self.options["kernels"],
                 )
@@ -391,6 +428,19 @@ class IST(Optimizer):
             self._skip_probe_round(why)
         if losses is not None:
             self.scheduler.update(kept, losses)
+
+    def _loss_fn_with_inputs(self) -> LossFn | None:
+        extra = getattr(self, "_loss_inputs", None)
+        if not extra or self.loss_fn is None:
+            return self.loss_fn
+        clash = sorted(set(extra) & set(self.hooks.probe_batch[1]))
+        if clash:
+            raise ValueError(
+                f"set_loss_inputs: {clash} are also keyword arguments of the model's forward; "
+                "register them under other names"
+            )
+        loss_fn = self.loss_fn
+        return lambda output, *args, **kwargs: loss_fn(output, *args, **kwargs, **extra)
 
     def _skip_probe_round(self, why: str) -> None:
         self.num_probe_updates_missed += 1

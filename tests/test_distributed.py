@@ -429,8 +429,9 @@ def test_unsupported_setup_raises_its_documented_error(unsupported_errors, setup
 def _consistency(rank: int) -> dict[str, str | None]:
     init_gloo(rank)
 
-    def run(seed: int, check: bool | None, diverge_at: int | None = None) -> None:
+    def run(seed: int | None, check: bool | None, diverge_at: int | None = None, torch_seed: int = 0) -> None:
         ddp = DDP(tiny_peft_llama(), find_unused_parameters=True)
+        torch.manual_seed(torch_seed)  # the global seed IST's default follows
         opt = ISTAdamW(ddp, lr=1e-2, **{**IST_OPTIONS, "seed": seed}, check_consistency=check)
         for step in range(4):
             ddp(**rank_batch(step, rank)).loss.backward()
@@ -442,6 +443,8 @@ def _consistency(rank: int) -> dict[str, str | None]:
     errors = {
         "agree": _attempt(lambda: run(seed=3, check=True)),
         "seed-per-rank": _attempt(lambda: run(seed=rank, check=None)),  # caught at the first step, always
+        # The default seed follows torch.initial_seed(), seeded per rank here as launchers do: rank 0's wins.
+        "default-seed": _attempt(lambda: run(seed=None, check=True, torch_seed=100 + rank)),
         "diverged-checked": _attempt(lambda: run(seed=3, check=True, diverge_at=2)),
         "diverged-unchecked": _attempt(lambda: run(seed=3, check=False, diverge_at=2)),
     }
@@ -454,6 +457,7 @@ def test_consistency_check_raises_when_ranks_disagree(tmp_path):
     disagree = "RuntimeError: IST: ranks disagree on the layer selection or importance"
     for errors in run_workers(_consistency, tmp_path):
         assert errors["agree"] is None, errors["agree"]
+        assert errors["default-seed"] is None, errors["default-seed"]
         for case in ("seed-per-rank", "diverged-checked", "diverged-env"):
             assert errors[case] is not None and errors[case].startswith(disagree), (case, errors[case])
         assert "rank 0: {'step': 3" in errors["diverged-checked"]  # the step after the divergence
