@@ -18,8 +18,8 @@ Without CUDA it prints a banner, runs the correctness matrix in the Triton
 interpreter, prints the analytic bytes table, and exits non-zero on any
 failure.
 
-    python bench/kernels.py
-    python bench/kernels.py --tokens 4096 --ranks 32 --dtype bf16 --peak-gbps 3350
+    python bench/kernels_bench.py
+    python bench/kernels_bench.py --tokens 4096 --ranks 32 --dtype bf16 --peak-gbps 3350
 """
 
 from __future__ import annotations
