@@ -8,14 +8,18 @@ from .adapters import ParallelAdapter, SeriesAdapter, add_adapters
 from .fused_lora import fuse_lora
 from .layers import LayerMap, discover_layers
 from .optimizer import IST, ISTAdamW
-from .policies import FixedLayers, LayerPolicy, WeightedLayers
+from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, PolicyContext, WeightedLayers, outlier_ratios
 from .scheduler import ImportanceScheduler
 from .suppression import find_adapter_modules, suppress
 
 __all__ = [
+    "CKALayers",
     "FixedLayers",
-    "LayerPolicy",
+    "GradNormLayers",
+    "PolicyContext",
     "WeightedLayers",
+    "outlier_ratios",
+    "LayerPolicy",
     "IST",
     "ISTAdamW",
     "ImportanceScheduler",

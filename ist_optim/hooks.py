@@ -201,6 +201,8 @@ class ModelHooks:
             the layers are modules (not with ``layer_of`` grouping).
         checkpoint_unselected: recompute unselected blocks that pass gradients
             through in backward instead of storing their activations.
+        frozen: parameters outside the layers kept at ``requires_grad=False``
+            (IST's ``outside_layers="freeze"``); restored with the layers' flags.
 
     Attributes:
         probe_batch: ``(args, kwargs)`` of the last training forward, or ``None``.
@@ -219,6 +221,7 @@ class ModelHooks:
         owner: object,
         backward_cut: bool | None,
         checkpoint_unselected: bool,
+        frozen: list[nn.Parameter] | None = None,
     ):
         self.model = model
         self.layer_map = layer_map
@@ -240,7 +243,9 @@ class ModelHooks:
         self.cut_skip_reason: str | None = None
         self.output_check: Any = None  # called once with the output of the first training forward
         self._owner: weakref.ref | None = weakref.ref(owner)
+        self._frozen = list(frozen or [])
         self._found_flags = [(p, p.requires_grad) for params in layer_map.params for p in params]
+        self._found_flags += [(p, p.requires_grad) for p in self._frozen]
         self._flags: list[bool] = [False] * len(layer_map)
         self._selected_ids: set[int] = set()
         self._forwards: list[_Forward | None] = []  # one entry per model call in progress
@@ -311,6 +316,9 @@ class ModelHooks:
             for p in params:
                 if p.requires_grad != train:
                     p.requires_grad_(train)
+        for p in self._frozen:
+            if p.requires_grad:
+                p.requires_grad_(False)
 
     def _restore_flags(self) -> None:
         for p, flag in self._found_flags:

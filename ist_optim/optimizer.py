@@ -50,7 +50,7 @@ from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
-from .policies import LayerPolicy
+from .policies import CKALayers, GradNormLayers, LayerPolicy, PolicyContext, layer_grad_norms
 from .scheduler import ImportanceScheduler, as_int
 from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules
 
@@ -110,12 +110,23 @@ class IST(Optimizer):
             in a distributed run rank 0's, broadcast once here (launchers often seed ranks apart).
         policy: how the layers are chosen: ``"ist"`` (the importance bandit,
             default), ``"random"`` (uniform without replacement, as LISA and the
-            paper's random sparse tuning; no probes), or a
-            :class:`~ist_optim.policies.LayerPolicy` (:class:`~ist_optim.FixedLayers`,
-            :class:`~ist_optim.WeightedLayers`, your own), which then decides how
-            many layers train (``active_layers`` applies to ``"ist"`` and ``"random"``
+            paper's random sparse tuning; no probes), ``"cka"``
+            (:class:`~ist_optim.CKALayers` with its defaults: rank the layers by
+            CKA after a 20-step warm-up, then train the top ``active_layers``),
+            ``"gradnorm"`` (:class:`~ist_optim.GradNormLayers` with its defaults:
+            GRASS-style gradient-norm sampling of ``active_layers`` layers, seeded
+            with ``seed``), or a :class:`~ist_optim.policies.LayerPolicy`
+            (:class:`~ist_optim.FixedLayers`, :class:`~ist_optim.WeightedLayers`,
+            the two above with other settings, your own), which then decides how
+            many layers train (``active_layers`` applies to the named policies
             only; the probe options to ``"ist"`` and to policies whose ``uses_probes``
             is true). See :mod:`ist_optim.policies`.
+        outside_layers: what happens to the optimizer's parameters outside every
+            layer (embeddings, final norm, LM head in full-layer mode; a classifier
+            head next to adapters): ``"train"`` (default: they train every step,
+            as in LISA) or ``"freeze"`` (``requires_grad`` off from construction
+            until :meth:`remove_hooks`, so they get no gradient, no update and no
+            optimizer state, and the backward cut is not held back by them).
         check_consistency: in a distributed run, compare a hash of the selection, importance and
             generator state across ranks after every step and raise on disagreement (it is always
             compared after the first step); default ``None`` = the
@@ -151,6 +162,7 @@ class IST(Optimizer):
         seed: int | None = None,
         check_consistency: bool | None = None,
         policy: str | LayerPolicy = "ist",
+        outside_layers: str = "train",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, but got {type(optimizer).__name__}")
@@ -176,6 +188,8 @@ class IST(Optimizer):
                 raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
         if not isinstance(policy, LayerPolicy) and policy not in POLICIES:
             raise ValueError(f"Invalid policy: {policy!r} (expected one of {POLICIES} or a LayerPolicy)")
+        if outside_layers not in OUTSIDE_LAYERS:
+            raise ValueError(f"Invalid outside_layers: {outside_layers!r} (expected one of {OUTSIDE_LAYERS})")
         probes_enabled = _check_int(num_probes, "num_probes", "an int >= 0") > 0 and probe_interval > 0
         probes_enabled = probes_enabled and (policy == "ist" or getattr(policy, "uses_probes", False))
         if probes_enabled and suppression == 1.0:
@@ -208,6 +222,11 @@ class IST(Optimizer):
             )
         self.layer_map: LayerMap = discover_layers(inner, trainable, layers=layers, layer_of=layer_of)
         self.scheduler: ImportanceScheduler | LayerPolicy
+        policy_name = policy if isinstance(policy, str) else type(policy).__name__
+        if policy == "cka":
+            policy = CKALayers(active_layers)
+        elif policy == "gradnorm":
+            policy = GradNormLayers(active_layers, seed=seed)
         if isinstance(policy, LayerPolicy):
             policy.bind(len(self.layer_map))
             self.scheduler = policy
@@ -257,7 +276,7 @@ class IST(Optimizer):
             active_layers=active_layers,
             probe_layers=probe_layers,
             num_probes=int(num_probes),
-            policy=policy if isinstance(policy, str) else type(policy).__name__,
+            policy=policy_name,
             probe_interval=probe_interval,
             suppression=float(suppression),
             importance_lr=float(importance_lr),
@@ -269,6 +288,7 @@ class IST(Optimizer):
             checkpoint_unselected=checkpoint_unselected,
             seed=seed,
             check_consistency=check_consistency,
+            outside_layers=outside_layers,
         )
         for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
             value = self.options[key]
@@ -278,12 +298,19 @@ class IST(Optimizer):
         self.num_steps = 0
         self.num_probe_updates_missed = 0  # probe rounds with no batch, or no loss, to probe with
         self.evictor = StateEvictor(optimizer, self.layer_map.params, state_policy)
+        # Frozen outside parameters: the hooks keep them off and restore them with the layers' flags.
+        self._frozen_outside = list(self.layer_map.other_params) if outside_layers == "freeze" else []
+        for p in self._frozen_outside:
+            optimizer.state.pop(p, None)  # no optimizer state for what never trains
         self.hooks = ModelHooks(
-            model, self.layer_map, owner=self, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected
+            model, self.layer_map, owner=self, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected,
+            frozen=self._frozen_outside,
         )
         if self.probes_enabled and loss_fn is None:
             self.hooks.output_check = _require_loss_field
         self.options["backward_cut"] = self.hooks.backward_cut  # None resolved
+        if isinstance(self.scheduler, LayerPolicy):
+            self.scheduler.attach(self._policy_context())
         self._set_selection(self.scheduler.sample_active())
         self.distributed = DistributedSupport(self, check_consistency)
         _remove_hooks_when_collected(self)
@@ -296,6 +323,27 @@ class IST(Optimizer):
     @property
     def active_layers(self) -> list[int]:
         return list(self.scheduler.active)
+
+    def _policy_context(self) -> PolicyContext:
+        """What a policy may look at, built per call (a policy must not keep it: see :mod:`ist_optim.policies`)."""
+        return PolicyContext(
+            model=unwrap_model(self.model),
+            layers=list(self.layer_map.modules),
+            layer_params=self.layer_map.params,
+            layer_names=self.layer_names,
+            num_steps=self.num_steps,
+            seed=self.options["seed"],
+            batch=self.hooks.probe_batch,
+            _pause_hooks=self._hooks_paused,
+        )
+
+    @contextmanager
+    def _hooks_paused(self) -> Iterator[None]:
+        self.hooks.probing = True  # forwards now are no training forwards: nothing captured, no cut
+        try:
+            yield
+        finally:
+            self.hooks.probing = False
 
     def _set_selection(self, active: list[int]) -> None:
         """Make ``active`` the layers of the coming step: hooks, and resident optimizer state."""
@@ -377,6 +425,11 @@ class IST(Optimizer):
             if not train:
                 for p in params:
                     p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
+        for p in self._frozen_outside:
+            p.grad = None  # outside_layers="freeze": even if someone turned requires_grad back on
+        if getattr(self.scheduler, "wants_gradient_norms", False):
+            # Before the update, as GRASS measures; under DDP the grads are already all-reduced.
+            self.scheduler.observe_gradients(layer_grad_norms(self.layer_map.params))
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler when the step unscales itself
         with _forward_amp_scaling(self, self.optimizer), _global_step_hooks_suspended():
             self.optimizer.step()  # the global step hooks fired once already, for this optimizer
@@ -386,6 +439,8 @@ class IST(Optimizer):
         self.num_steps += 1
         if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
             self._update_importance()
+        if isinstance(self.scheduler, LayerPolicy):
+            self.scheduler.after_step(self._policy_context())
         self._loss_inputs = {}
         self._set_selection(self.scheduler.sample_active())
         self.distributed.after_step(self)  # every rank must now hold the same selection and importance
@@ -512,6 +567,8 @@ class IST(Optimizer):
                 listed = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differ.items())
                 warnings.warn(f"IST.load_state_dict: options differ from the checkpoint's ({listed})", stacklevel=2)
         self.optimizer.load_state_dict(state_dict)
+        for p in self._frozen_outside:
+            self.optimizer.state.pop(p, None)  # a checkpoint of a run that trained them: never used here
         # Optimizer.load_state_dict rebinds the inner lists: share them again.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
@@ -550,12 +607,13 @@ class IST(Optimizer):
         return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
 
 
-POLICIES = ("ist", "random")
+POLICIES = ("ist", "random", "cka", "gradnorm")
+OUTSIDE_LAYERS = ("train", "freeze")
 
 _CHECKPOINTED_OPTIONS = (
     "policy",
     "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule",
-    "probe_mode", "state_policy", "backward_cut", "checkpoint_unselected", "seed",
+    "probe_mode", "state_policy", "backward_cut", "checkpoint_unselected", "seed", "outside_layers",
 )
 
 
