@@ -154,13 +154,15 @@ def test_gradnorm_temperature_and_seed():
     policy.scores = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     torch.testing.assert_close(policy.probabilities(), torch.softmax(torch.tensor([1.0, 2.0, 3.0]).double() / (0.5 * 2.0), 0),
                                rtol=1e-12, atol=0)
-    # seed=None follows IST's seed (itself torch.initial_seed() by default)
+    # seed=None follows IST's seed (itself torch.initial_seed() by default), for objects and for "gradnorm"
     draws = []
-    for seed in (3, 3, 4):
-        opt = ISTAdamW(tiny_peft_llama(num_layers=4), lr=1e-2, policy="gradnorm", active_layers=1, seed=seed)
+    for seed, policy in ((3, GradNormLayers(1)), (3, "gradnorm"), (4, GradNormLayers(1)), (None, GradNormLayers(1))):
+        model = tiny_peft_llama(num_layers=4)  # (seeds the global RNG itself)
+        torch.manual_seed(4)
+        opt = ISTAdamW(model, lr=1e-2, policy=policy, active_layers=1, seed=seed)
         opt.scheduler.num_steps = 1  # between scoring steps: draws from the (uniform, unscored) softmax
         draws.append([opt.scheduler.sample_active()[0] for _ in range(20)])
-    assert draws[0] == draws[1] != draws[2]
+    assert draws[0] == draws[1] != draws[2] == draws[3]
     with pytest.raises(ValueError, match="temperature"):
         GradNormLayers(temperature=0.0)
     with pytest.raises(ValueError, match="interval"):
