@@ -322,3 +322,49 @@ def test_outside_layers_train_every_step_or_never(outside_layers):
 def test_outside_layers_is_validated():
     with pytest.raises(ValueError, match="outside_layers"):
         ISTAdamW(tiny_llama(4), lr=1e-2, num_probes=0, outside_layers="never")
+
+
+# ---------------------------------------------------------------------- the policy x adapter-kind matrix
+def _model_of_kind(kind: str) -> nn.Module:
+    from ist_optim import add_adapters
+
+    if kind == "dora":
+        return tiny_peft_llama(num_layers=4, dora=True, dtype=torch.float64)
+    model = tiny_llama(4).double()
+    if kind == "series":
+        add_adapters(model, ["down_proj"], "series", bottleneck=4)
+    elif kind == "parallel":
+        add_adapters(model, ["up_proj", "down_proj"], "parallel", bottleneck=4)
+    return model  # "full-layer": no adapters, every block parameter trains
+
+
+@pytest.mark.parametrize("kind", ["dora", "series", "parallel", "full-layer"])
+@pytest.mark.parametrize("policy", ["random", "cka", "gradnorm", "weighted", "fixed"])
+def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kind):
+    from ist_optim import FixedLayers
+
+    model = _model_of_kind(kind)
+    make = {
+        "cka": lambda: CKALayers(1, warmup_steps=2, num_batches=1),
+        "gradnorm": lambda: GradNormLayers(1, interval=2, seed=0),
+        "weighted": lambda: WeightedLayers([1.0, 0.0, 2.0, 3.0], 1, seed=0),
+        "fixed": lambda: FixedLayers([2]),
+    }
+    options = dict(outside_layers="freeze") if kind == "full-layer" else {}
+    opt = ISTAdamW(model, lr=1e-2, policy=make[policy]() if policy in make else policy, active_layers=1,
+                   num_probes=0, state_policy="drop", **options)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad} | {
+        n for n, p in model.named_parameters() if any(p is q for ps in opt.layer_map.params for q in ps)}
+    for step in range(5):
+        selected = opt.active_layers
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved <= trained and {layer_of(n) for n in moved} == set(selected), (step, selected)
+    if policy == "cka":
+        assert opt.scheduler.ranked and len(opt.active_layers) == 1
+        assert bool(torch.isfinite(opt.scheduler.cka).all())
+    if policy == "gradnorm":
+        assert opt.scheduler.num_scored == 3 and bool((opt.scheduler.scores > 0).all())
