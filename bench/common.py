@@ -6,8 +6,11 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def conditions(**extra: object) -> str:
@@ -58,3 +61,29 @@ def quantiles(values: list[float]) -> tuple[float, float]:
         return values[0], values[0]
     q = statistics.quantiles(values, n=5, method="inclusive")
     return q[0], q[3]
+
+
+def peak_step_bytes(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and the peak of the bytes it allocated beyond what was live before it.
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the
+    running sum of the profiler's memory events in time order (DESIGN.md
+    section 6: the allocator keeps no peak on CPU).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        value = fn()
+        torch.cuda.synchronize()
+        return value, torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        value = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return value, peak

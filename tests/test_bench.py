@@ -1,0 +1,69 @@
+"""Smoke runs of the main job and the quality benchmark on config-built models, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(output: str, arms: list[str]) -> dict[str, list[str]]:
+    rows = {}
+    for line in output.splitlines():
+        fields = line.split()
+        if fields and fields[0] in arms and len(fields) == 7:
+            rows[fields[0]] = fields[1:]
+    return rows
+
+
+def test_main_job_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run("train.py", "--model", "tiny", "--steps", "6", "--eval-every", "3", "--probe-interval", "2",
+              "--eval-size", "32", "--out", str(tmp_path))
+    rows = table_rows(out, ["lora", "ist", "random"])
+    assert set(rows) == {"lora", "ist", "random"}
+    assert len({r[0] for r in rows.values()}) == 1  # one zero-shot accuracy: every arm starts from the same model
+    assert "ist: importance after 3 updates" in out and "random: importance" not in out
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "importance_ist.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (DATA / "llmadapters" / "ARC-Easy").exists(), reason="../shared/data is not beside the project")
+def test_main_job_reads_an_llm_adapters_set(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run("train.py", "--model", "tiny", "--data", str(DATA / "llmadapters" / "ARC-Easy"), "--arms", "lora,ist",
+              "--steps", "2", "--eval-every", "2", "--probe-interval", "1", "--eval-size", "8", "--out", str(tmp_path))
+    assert set(table_rows(out, ["lora", "ist"])) == {"lora", "ist"}
+
+
+def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "quality.jsonl"
+    args = ["--model", "tiny", "--setting", "parity", "--arms", "lora,ist,ist-paper,random", "--seeds", "0,1",
+            "--budgets", "2,4", "--sparse-lr-scales", "1,4", "--probe-interval", "2", "--eval-size", "16",
+            "--out", str(results)]
+    out = run("quality.py", *args)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    # lora once per seed, each sparse arm once per seed and lr scale
+    assert len(records) == 2 * (1 + 3 * 2)
+    assert {(r["arm"], r["sparse_lr_scale"]) for r in records} >= {("lora", 1.0), ("ist", 4.0), ("random", 1.0)}
+    ist = next(r for r in records if r["arm"] == "ist")
+    assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
+    assert "first budget at which" in out and "agreement across seeds" in out
+    assert (tmp_path / "quality_parity.png").stat().st_size > 0
+    run("quality.py", *args)  # resumed: every run is already there
+    assert len(results.read_text().splitlines()) == len(records)
