@@ -15,7 +15,7 @@ tables (mean +- sample standard deviation over seeds), the importance
 analysis, and writes accuracy-vs-steps and -vs-time plots.
 
 Settings (``--setting``), cheapest first:
-  parity       the generated parity task of the main job
+  weekday      the generated weekday-arithmetic task of the main job
   sst2         SST-2, prompt "Review: {sentence}\\nSentiment:", label words " negative"/" positive"
                at the last position (``logits_to_keep=1``); test = SST-2 dev
   commonsense  ARC-Easy + ARC-Challenge + OpenBookQA + BoolQ (LLM-Adapters train splits), scored on
@@ -23,7 +23,7 @@ Settings (``--setting``), cheapest first:
 
     python bench/quality.py --setting sst2                       # about an hour on a 2-core CPU
     python bench/quality.py --setting sst2 --summary
-    python bench/quality.py --setting parity --arms lora,random --policy cka   # any selection policy
+    python bench/quality.py --setting weekday --arms lora,random --policy cka   # any selection policy
 """
 
 from __future__ import annotations
@@ -39,19 +39,19 @@ from pathlib import Path
 import torch
 from common import conditions
 from finetune import ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, tiny_model, train_run
-from tasks import SHARED_DATA, load_task, parity_task
+from tasks import SHARED_DATA, load_task, weekday_task
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
-    "parity": None,
+    "weekday": None,
     "sst2": "sst2",
     "commonsense": "llmadapters/ARC-Easy,llmadapters/ARC-Challenge,llmadapters/openbookqa,llmadapters/boolq",
 }
 
 
 def load_setting(name: str, data_root: Path, num_eval: int):
-    if name == "parity":
-        return parity_task(num_eval=num_eval)
+    if name == "weekday":
+        return weekday_task(num_eval=num_eval)
     return load_task(",".join(str(data_root / p) for p in SETTINGS[name].split(",")), num_eval)
 
 
@@ -165,11 +165,11 @@ def summarize(args: argparse.Namespace) -> None:
               + f" {statistics.median(plain) if plain else float('nan'):10.2f} {max(peaks) / 2**20 if peaks else 0:8.0f}")
         rows[name] = {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in runs) for b in budgets}
     if lora_val:
-        print("\nfirst budget at which an arm's mean val accuracy is within 1 point of LoRA-all's at that budget:")
+        print("\nfirst budget from which an arm's mean val accuracy stays within 1 point of LoRA-all's (or above):")
         for name, accs in rows.items():
             if name == "lora":
                 continue
-            within = [b for b in budgets if accs[b] >= lora_val[b] - 0.01]
+            within = [b for i, b in enumerate(budgets) if all(accs[c] >= lora_val[c] - 0.01 for c in budgets[i:])]
             print(f"  {name:16s} {within[0] if within else 'none of ' + str(budgets)}")
     importance_report(groups)
     plot_quality(groups, Path(args.out).with_suffix(""), args.setting)

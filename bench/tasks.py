@@ -38,29 +38,31 @@ class Task:
     test: list[Example]  # reported once
 
 
-def parity_task(num_train: int = 4000, num_eval: int = 256, seed: int = 0) -> Task:
-    """The default task, generated: is a 3-5 digit number even or odd?
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
-    The pretrained SmolLM2-135M scores about chance on it (its digits are
-    single tokens, so the answer hangs on the last one), and LoRA learns it
-    within tens of steps, so a short CPU run shows fine-tuning at work.
-    Numbers are split by their leading digits (``n // 10``), so validation and
-    test numbers never occur in training with another last digit.
+
+def weekday_task(num_train: int = 4000, num_eval: int = 256, seed: int = 0) -> Task:
+    """The default task, generated: "Today is Friday. In 3 days it will be" -> " Monday" (7 label words).
+
+    The pretrained SmolLM2-135M-Instruct scores 0% on it zero-shot (it names
+    a day, but not the right one), and LoRA on all layers learns it within
+    tens of steps, so a short CPU run shows fine-tuning at work. The space is
+    small (7 days x offsets 1-6 = 42 questions): validation and test draw
+    from the same questions as training, so this measures how fast the
+    mapping is learned, not generalisation to unseen questions (the real
+    datasets do that).
     """
     rng = random.Random(seed)
-    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
-    want = {"train": num_train, "val": num_eval, "test": num_eval}
-    seen: set[int] = set()
-    while any(len(splits[s]) < want[s] for s in splits):
-        n = rng.randint(100, 99999)
-        if n in seen:
-            continue
-        seen.add(n)
-        bucket = (n // 10) % 8  # 6/8 train, 1/8 val, 1/8 test
-        split = "val" if bucket == 6 else "test" if bucket == 7 else "train"
-        if len(splits[split]) < want[split]:
-            splits[split].append(Example(f"Number: {n}\nIs it even or odd? Answer:", (" even", " odd"), n % 2))
-    return Task("parity (generated)", splits["train"], splits["val"], splits["test"])
+
+    def draw(n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            day, offset = rng.randrange(7), rng.randint(1, 6)
+            out.append(Example(f"Today is {DAYS[day]}. In {offset} days it will be",
+                               tuple(" " + d for d in DAYS), (day + offset) % 7))
+        return out
+
+    return Task("weekday arithmetic (generated)", draw(num_train), draw(num_eval), draw(num_eval))
 
 
 def _sst2_file(path: Path) -> list[Example]:

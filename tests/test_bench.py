@@ -26,7 +26,7 @@ def table_rows(output: str, arms: list[str]) -> dict[str, list[str]]:
     rows = {}
     for line in output.splitlines():
         fields = line.split()
-        if fields and fields[0] in arms and len(fields) == 7:
+        if fields and fields[0] in arms and len(fields) == 8:
             rows[fields[0]] = fields[1:]
     return rows
 
@@ -37,7 +37,8 @@ def test_main_job_smoke(tmp_path):
               "--eval-size", "32", "--out", str(tmp_path))
     rows = table_rows(out, ["lora", "ist", "random"])
     assert set(rows) == {"lora", "ist", "random"}
-    assert len({r[0] for r in rows.values()}) == 1  # one zero-shot accuracy: every arm starts from the same model
+    assert len({r[1] for r in rows.values()}) == 1  # one zero-shot accuracy: every arm starts from the same model
+    assert float(rows["ist"][0]) == 4 * float(rows["lora"][0])  # sparse arms: lr / active_layers by default
     assert "ist: importance after 3 updates" in out and "random: importance" not in out
     assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "importance_ist.png").stat().st_size > 0
 
@@ -53,7 +54,7 @@ def test_main_job_reads_an_llm_adapters_set(tmp_path):
 def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "quality.jsonl"
-    args = ["--model", "tiny", "--setting", "parity", "--arms", "lora,ist,ist-paper,random", "--seeds", "0,1",
+    args = ["--model", "tiny", "--setting", "weekday", "--arms", "lora,ist,ist-paper,random", "--seeds", "0,1",
             "--budgets", "2,4", "--sparse-lr-scales", "1,4", "--probe-interval", "2", "--eval-size", "16",
             "--out", str(results)]
     out = run("quality.py", *args)
@@ -63,7 +64,15 @@ def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     assert {(r["arm"], r["sparse_lr_scale"]) for r in records} >= {("lora", 1.0), ("ist", 4.0), ("random", 1.0)}
     ist = next(r for r in records if r["arm"] == "ist")
     assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
-    assert "first budget at which" in out and "agreement across seeds" in out
-    assert (tmp_path / "quality_parity.png").stat().st_size > 0
+    assert "first budget from which" in out and "agreement across seeds" in out
+    assert (tmp_path / "quality_weekday.png").stat().st_size > 0
     run("quality.py", *args)  # resumed: every run is already there
     assert len(results.read_text().splitlines()) == len(records)
+
+
+def test_step_split_smoke():
+    out = run("step_split.py", "--model", "tiny", "--rounds", "4", "--warmup", "1", "--probe-interval", "2")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["lora"], ["ist"])}
+    assert set(rows) == {"lora", "ist"}
+    assert float(rows["ist"][3]) > 0 and float(rows["lora"][3]) == 0  # only IST has probe rounds
+    assert float(rows["lora"][-1]) == 1.0

@@ -1,0 +1,102 @@
+"""Where a step's time goes, IST against LoRA on pretrained SmolLM2 (the paper's Table 13, on this machine).
+
+Both arms are built up front from the same weights and take turns, one
+training step each, on the same batches (``--batch`` x ``--seq`` random token
+ids: the time does not depend on which tokens), so drift of the machine hits
+both alike. Each step is split into forward,
+backward and ``opt.step()``; for IST, ``opt.step()`` on a probe step also
+runs the probe round, so the probe time is the median of probe steps'
+``opt.step()`` minus that of the other steps, and it is amortised over
+``probe_interval``. Medians after ``--warmup`` rounds.
+
+    python bench/step_split.py                      # 128 tokens, batch 8
+    python bench/step_split.py --seq 512 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import conditions, sync
+from finetune import LORA_TARGETS, add_lora
+
+from ist_optim import ISTAdamW
+
+
+def timed(fn) -> tuple[object, float]:
+    sync()
+    start = time.perf_counter()
+    value = fn()
+    sync()
+    return value, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=30, help="measured steps per arm")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--probe-interval", type=int, default=10)
+    parser.add_argument("--active-layers", type=float, default=0.25)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    if args.model == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                            num_attention_heads=4, num_key_value_heads=2))
+        vocab = 512
+    else:
+        from smollm2 import load_smollm2
+
+        base, tokenizer = load_smollm2()
+        vocab = tokenizer.vocab_size
+    base = base.to(args.device)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device) for _ in range(4)]
+
+    arms = {}
+    lora = add_lora(base, 8, seed=0)
+    arms["lora"] = (lora, torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0))
+    ist_model = add_lora(base, 8, seed=0)
+    arms["ist"] = (ist_model, ISTAdamW(ist_model, lr=1e-4, active_layers=args.active_layers,
+                                      probe_interval=args.probe_interval, seed=0))
+    times: dict[str, dict[str, list[float]]] = {a: {"forward": [], "backward": [], "step": [], "probe_step": []} for a in arms}
+    total_rounds = args.warmup + args.rounds
+    for round_ in range(total_rounds):
+        for arm, (model, opt) in arms.items():
+            ids = batches[round_ % len(batches)]
+            loss, forward = timed(lambda: model(input_ids=ids, labels=ids).loss)
+            _, backward = timed(loss.backward)
+            probe = isinstance(opt, ISTAdamW) and (opt.num_steps + 1) % args.probe_interval == 0
+            _, step = timed(opt.step)
+            opt.zero_grad(set_to_none=True)
+            if round_ >= args.warmup or probe:  # probe steps are rare: keep every one
+                times[arm]["forward"].append(forward)
+                times[arm]["backward"].append(backward)
+                times[arm]["probe_step" if probe else "step"].append(step)
+
+    print(conditions(model=args.model, seq=args.seq, batch=args.batch, lora_targets="+".join(LORA_TARGETS),
+                     active_layers=args.active_layers, probe_interval=args.probe_interval, rounds=args.rounds))
+    print(f"{'arm':6s} {'forward':>8s} {'backward':>8s} {'optim':>8s} {'probe/round':>11s} {'amortised':>9s} {'total':>8s} {'vs lora':>7s}")
+    totals = {}
+    for arm, parts in times.items():
+        f, b, s = (statistics.median(parts[k]) for k in ("forward", "backward", "step"))
+        probe = statistics.median(parts["probe_step"]) - s if parts["probe_step"] else 0.0
+        amortised = probe / args.probe_interval
+        totals[arm] = f + b + s + amortised
+        print(f"{arm:6s} {f:8.3f} {b:8.3f} {s:8.3f} {probe:11.3f} {amortised:9.3f} {totals[arm]:8.3f} "
+              f"{totals[arm] / totals.get('lora', totals[arm]):7.2f}")
+    print("seconds, medians; probe/round: one probe round (its opt.step() minus an ordinary one); amortised: "
+          f"over probe_interval={args.probe_interval}")
+
+
+if __name__ == "__main__":
+    main()
