@@ -44,9 +44,10 @@ def test_main_job_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "llmadapters" / "ARC-Easy").exists(), reason="../shared/data is not beside the project")
-def test_main_job_reads_an_llm_adapters_set(tmp_path):
+@pytest.mark.parametrize("data", ["llmadapters/ARC-Easy", "sst2"])
+def test_main_job_reads_a_real_dataset(tmp_path, data):
     pytest.importorskip("matplotlib")
-    out = run("train.py", "--model", "tiny", "--data", str(DATA / "llmadapters" / "ARC-Easy"), "--arms", "lora,ist",
+    out = run("train.py", "--model", "tiny", "--data", str(DATA / data), "--arms", "lora,ist",
               "--steps", "2", "--eval-every", "2", "--probe-interval", "1", "--eval-size", "8", "--out", str(tmp_path))
     assert set(table_rows(out, ["lora", "ist"])) == {"lora", "ist"}
 
@@ -54,14 +55,16 @@ def test_main_job_reads_an_llm_adapters_set(tmp_path):
 def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "quality.jsonl"
-    args = ["--model", "tiny", "--setting", "weekday", "--arms", "lora,ist,ist-paper,random", "--seeds", "0,1",
+    args = ["--model", "tiny", "--setting", "weekday", "--arms", "lora,ist,ist-paper,random", "--policy", "gradnorm",
+            "--seeds", "0,1",
             "--budgets", "2,4", "--sparse-lr-scales", "1,4", "--probe-interval", "2", "--eval-size", "16",
             "--out", str(results)]
     out = run("quality.py", *args)
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    # lora once per seed, each sparse arm once per seed and lr scale
-    assert len(records) == 2 * (1 + 3 * 2)
-    assert {(r["arm"], r["sparse_lr_scale"]) for r in records} >= {("lora", 1.0), ("ist", 4.0), ("random", 1.0)}
+    # lora once per seed, each sparse arm (the --policy one too) once per seed and lr scale
+    assert len(records) == 2 * (1 + 4 * 2)
+    assert {(r["arm"], r["sparse_lr_scale"]) for r in records} >= {
+        ("lora", 1.0), ("ist", 4.0), ("random", 1.0), ("policy:gradnorm", 4.0)}
     ist = next(r for r in records if r["arm"] == "ist")
     assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
     assert "first budget from which" in out and "agreement across seeds" in out
