@@ -63,14 +63,14 @@ def quantiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[3]
 
 
-def peak_step_bytes(fn: Callable[[], T]) -> tuple[T, int]:
-    """``fn()`` and the peak of the bytes it allocated beyond what was live before it.
+def peak_step_bytes(fn: Callable[[], T], device: torch.device | str) -> tuple[T, int]:
+    """``fn()`` and the peak of the bytes it allocated on ``device`` beyond what was live before it.
 
     CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the
     running sum of the profiler's memory events in time order (DESIGN.md
     section 6: the allocator keeps no peak on CPU).
     """
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -87,3 +87,12 @@ def peak_step_bytes(fn: Callable[[], T]) -> tuple[T, int]:
         current += nbytes
         peak = max(peak, current)
     return value, peak
+
+
+def state_bytes_on_device(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state on the parameters' device (IST's offloaded state is on host: not counted)."""
+    from ist_optim import IST
+
+    if isinstance(opt, IST):
+        return opt.memory_report()["optimizer_state_device_bytes"]
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from common import peak_step_bytes
+from common import peak_step_bytes, state_bytes_on_device
 from peft import LoraConfig, get_peft_model
 from tasks import Example, Task
 
@@ -266,9 +266,9 @@ def train_run(
             return loss.item()
 
         if step == measure_at:
-            loss, step_peak = peak_step_bytes(one_step)
+            loss, step_peak = peak_step_bytes(one_step, device)
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            result.peak_bytes = weights + _state_bytes(opt) + step_peak
+            result.peak_bytes = weights + state_bytes_on_device(opt) + step_peak
         else:
             started = time.perf_counter()
             loss = one_step()
@@ -289,12 +289,6 @@ def train_run(
     result.layer_counts = layer_counts
     result.model = model
     return result
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    if isinstance(opt, ISTAdamW):
-        return opt.memory_report()["optimizer_state_device_bytes"]
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
 
 def tiny_model(tokens: WordTokenizer, layers: int = 4, hidden: int = 64) -> torch.nn.Module:

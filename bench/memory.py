@@ -32,9 +32,8 @@ import sys
 import time
 
 import torch
-from common import conditions
+from common import conditions, peak_step_bytes, state_bytes_on_device
 from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
 
 from ist_optim import ISTAdamW
 
@@ -103,13 +102,6 @@ def setup(method: str, base_state: dict, args) -> tuple[torch.nn.Module, torch.o
     return model, opt
 
 
-def state_bytes_on_device(opt) -> int:
-    if isinstance(opt, ISTAdamW):
-        return opt.memory_report()["optimizer_state_device_bytes"]
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
-
-
 def one_step(model, opt, ids, device: str) -> dict[str, float]:
     """Train one step; return its memory split (bytes) and time (s)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -124,22 +116,7 @@ def one_step(model, opt, ids, device: str) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
 
     start = time.perf_counter()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        current = peak = 0
-        for _, nbytes in events:
-            current += nbytes
-            peak = max(peak, current)
+    _, peak = peak_step_bytes(step, device)
     elapsed = time.perf_counter() - start
     return {"weights": weights, "state": state, "peak": peak, "grads": grads["bytes"],
             "total": weights + state + peak, "time": elapsed}

@@ -51,7 +51,7 @@ from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
 from .policies import CKALayers, GradNormLayers, LayerPolicy, PolicyContext, layer_grad_norms
-from .scheduler import ImportanceScheduler, as_int
+from .scheduler import ImportanceScheduler, as_int, check_seed
 from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules
 
 __all__ = ["IST", "ISTAdamW"]
@@ -197,9 +197,8 @@ class IST(Optimizer):
                 "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
                 "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
             )
-        if seed is not None and as_int(seed) is None:
-            raise TypeError(f"seed must be an int or None, but got {type(seed).__name__}")
-        seed = shared_seed(torch.initial_seed()) if seed is None else as_int(seed)
+        seed = check_seed(seed)
+        seed = shared_seed(torch.initial_seed()) if seed is None else seed
         inner = unwrap_model(model)  # the module inside a DDP wrapper
         if probes_enabled and probe_mode == "batched" and loss_fn is None and hf_causal_lm_loss(inner) is None:
             raise ValueError(
@@ -421,6 +420,7 @@ class IST(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        loss_inputs, self._loss_inputs = self._loss_inputs, {}  # this step's only: never a newer batch's
         for train, params in zip(self._active_flags, self.layer_map.params):
             if not train:
                 for p in params:
@@ -434,19 +434,17 @@ class IST(Optimizer):
         with _forward_amp_scaling(self, self.optimizer), _global_step_hooks_suspended():
             self.optimizer.step()  # the global step hooks fired once already, for this optimizer
         if found_inf is not None and bool(found_inf.sum() > 0):
-            self._loss_inputs = {}
             return loss  # the fused step skipped itself on inf/NaN gradients; so does the selection, as without fusion
         self.num_steps += 1
         if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
-            self._update_importance()
+            self._update_importance(loss_inputs)
         if isinstance(self.scheduler, LayerPolicy):
             self.scheduler.after_step(self._policy_context())
-        self._loss_inputs = {}
         self._set_selection(self.scheduler.sample_active())
         self.distributed.after_step(self)  # every rank must now hold the same selection and importance
         return loss
 
-    def _update_importance(self) -> None:
+    def _update_importance(self, loss_inputs: dict[str, Any]) -> None:
         # Drawn before anything can be skipped: every rank of a distributed run consumes its
         # generator identically, and joins the reduction below, whatever happened locally.
         kept = self.scheduler.sample_candidates()  # (N_c, L)
@@ -465,7 +463,7 @@ class IST(Optimizer):
                     self.adapters,
                     beta,
                     batch=self.hooks.probe_batch,
-                    loss_fn=self._loss_fn_with_inputs(),
+                    loss_fn=self._loss_fn_with_inputs(loss_inputs),
                     mode=self.options["probe_mode"],
                     kernels=self.options["kernels"],
                 )
@@ -484,8 +482,7 @@ class IST(Optimizer):
         if losses is not None:
             self.scheduler.update(kept, losses)
 
-    def _loss_fn_with_inputs(self) -> LossFn | None:
-        extra = getattr(self, "_loss_inputs", None)
+    def _loss_fn_with_inputs(self, extra: dict[str, Any]) -> LossFn | None:
         if not extra or self.loss_fn is None:
             return self.loss_fn
         clash = sorted(set(extra) & set(self.hooks.probe_batch[1]))

@@ -63,7 +63,7 @@ from torch import nn
 from .distributed import reduce_probe_losses
 from .hooks import _hidden_state, _replace_hidden
 from .probes import ProbeBatch, eval_mode
-from .scheduler import as_int, resolve_layer_count
+from .scheduler import as_int, check_seed, resolve_layer_count
 
 __all__ = [
     "LayerPolicy",
@@ -162,18 +162,12 @@ class LayerPolicy:
         self.active = [int(i) for i in state_dict["active"]]
 
 
-def _check_seed(seed: Any) -> int | None:
-    if seed is not None and as_int(seed) is None:
-        raise TypeError(f"seed must be an int or None, but got {type(seed).__name__}")
-    return None if seed is None else as_int(seed)
-
-
 class _SeededPolicy(LayerPolicy):
     """A policy with its own generator; ``seed=None`` follows IST's rule (IST's resolved seed, at attach)."""
 
     def __init__(self, seed: int | None) -> None:
         super().__init__()
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.generator = torch.Generator()
         # Used alone (no IST to attach to): torch.initial_seed(), as IST's default. attach() re-seeds.
         self.generator.manual_seed(self.seed if self.seed is not None else torch.initial_seed() % 2**63)

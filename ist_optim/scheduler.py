@@ -53,6 +53,13 @@ def as_int(value: Any) -> int | None:
         return None
 
 
+def check_seed(seed: Any) -> int | None:
+    """``seed`` as an int (numpy integers accepted), or ``None``; anything else raises ``TypeError``."""
+    if seed is not None and as_int(seed) is None:
+        raise TypeError(f"seed must be an int or None, but got {type(seed).__name__}")
+    return None if seed is None else as_int(seed)
+
+
 def resolve_layer_count(value: int | float, num_layers: int, name: str) -> int:
     """Turn an ``int`` count or a ``float`` fraction of ``num_layers`` into a count.
 
