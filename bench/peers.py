@@ -373,21 +373,28 @@ def summarize(args: argparse.Namespace) -> list[dict]:
 
 
 def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
-    """Peak memory against time per step, each method a point (labelled with its test accuracy when trained)."""
+    """Test accuracy (mean +- sd) against peak memory and against time per step; memory against time if unscored."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        ax.scatter(row["mean_s"], row["peak_mib"], s=40)
-        label = row["method"] + (f"  {100 * statistics.fmean(row['test']):.1f}%" if "test" in row else "")
-        ax.annotate(label, (row["mean_s"], row["peak_mib"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    ax.set_xlabel("seconds per step (mean, probes and switches included)")
-    ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(f"memory / time frontier: {title}" + (" (label: test accuracy)" if any("test" in r for r in rows) else ""))
-    ax.grid(alpha=0.3)
+    scored = all("test" in r for r in rows)
+    axes_of = [("peak_mib", "peak memory (MiB)"), ("mean_s", "seconds per step (mean, probes and switches included)")]
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(12 if scored else 7, 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], axes_of if scored else axes_of[1:]):
+        for row in rows:
+            if scored:
+                y, err = 100 * statistics.fmean(row["test"]), 100 * statistics.pstdev(row["test"])
+                ax.errorbar(row[key], y, yerr=err, fmt="o", capsize=3)
+            else:
+                y = row["peak_mib"]
+                ax.plot(row[key], y, "o")
+            ax.annotate(row["method"], (row[key], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%), mean +- sd over seeds" if scored else "peak memory (MiB)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"bench/peers.py: {title}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
