@@ -187,6 +187,8 @@ class RunConfig:
     importance_lr: float = 10.0
     suppression: float = 0.25
     num_probes: int = 3
+    probe_layers: int | float = 0.5  # N_v (suppressed layers under the reference rule); an int is a count
+    reward: str = "difference"  # or "standardized" (see ist_optim.scheduler)
     seed: int = 0
     eval_at: tuple[int, ...] = ()  # steps after which the validation split is scored
     measure_memory: bool = True
@@ -214,7 +216,7 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torc
     options: dict[str, Any] = dict(
         lr=config.lr * config.sparse_lr_scale, weight_decay=0.0, active_layers=config.active_layers,
         probe_interval=config.probe_interval, importance_lr=config.importance_lr, suppression=config.suppression,
-        num_probes=config.num_probes, seed=config.seed,
+        num_probes=config.num_probes, probe_layers=config.probe_layers, reward=config.reward, seed=config.seed,
     )
     if config.arm == "ist-paper":
         options["rule"] = "paper"

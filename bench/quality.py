@@ -55,9 +55,24 @@ def load_setting(name: str, data_root: Path, num_eval: int):
     return load_task(",".join(str(data_root / p) for p in SETTINGS[name].split(",")), num_eval)
 
 
+# Estimator options added later: records written before them ran with these values.
+ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
+
+
 def run_key(record: dict) -> tuple:
     return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
-            record["steps"], record["batch"], record["probe_interval"], record["importance_lr"])
+            record["steps"], record["batch"], record["probe_interval"], record["importance_lr"],
+            *(record.get(k, v) for k, v in ESTIMATOR_DEFAULTS.items()))
+
+
+def estimator_label(record: dict) -> str:
+    """How an IST arm's estimator differs from the defaults (and from ``--importance-lr 10``), for the tables."""
+    if not record["arm"].startswith("ist"):
+        return ""
+    parts = [f"{k}={record.get(k, v)}" for k, v in ESTIMATOR_DEFAULTS.items() if record.get(k, v) != v]
+    if parts:
+        parts.append(f"mu={record['importance_lr']:g}")
+    return " " + ",".join(parts) if parts else ""
 
 
 def read_records(path: Path) -> list[dict]:
@@ -97,12 +112,14 @@ def run_all(args: argparse.Namespace) -> None:
             for scale in scales:
                 record = {"setting": args.setting, "model": args.model, "arm": arm, "seed": seed, "lr": args.lr,
                           "sparse_lr_scale": scale, "steps": budgets[-1], "batch": args.batch,
-                          "probe_interval": args.probe_interval, "importance_lr": args.importance_lr}
+                          "probe_interval": args.probe_interval, "importance_lr": args.importance_lr,
+                          "probe_layers": args.probe_layers, "reward": args.reward}
                 if run_key(record) in done:
                     continue
                 config = RunConfig(arm, steps=budgets[-1], batch_size=args.batch, lr=args.lr, sparse_lr_scale=scale,
                                    probe_interval=args.probe_interval, importance_lr=args.importance_lr, seed=seed,
-                                   eval_at=budgets, active_layers=args.active_layers)
+                                   eval_at=budgets, active_layers=args.active_layers,
+                                   probe_layers=args.probe_layers, reward=args.reward)
                 started = time.perf_counter()
                 result = train_run(base, batches, task, config)
                 test = evaluate(result.model, batches, task.test)
@@ -141,8 +158,8 @@ def summarize(args: argparse.Namespace) -> None:
     if not records:
         sys.exit(f"no runs of setting {args.setting!r} ({args.model}) in {args.out}")
     groups: dict[tuple[str, float], list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["arm"], r["sparse_lr_scale"]), []).append(r)
+    for r in records:  # an IST arm with other estimator options is a group of its own
+        groups.setdefault((r["arm"] + estimator_label(r), r["sparse_lr_scale"]), []).append(r)
     budgets = sorted({int(s) for r in records for s in r["val"]})
     print(f"setting {args.setting}, {records[0]['model']}: lr {records[0]['lr']}, batch {records[0]['batch']}, "
           f"probe_interval {records[0]['probe_interval']}, importance_lr {records[0]['importance_lr']}; "
@@ -152,7 +169,11 @@ def summarize(args: argparse.Namespace) -> None:
     lora_val = {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in groups.get(("lora", 1.0), []))
                 for b in budgets} if ("lora", 1.0) in groups else {}
     rows = {}
-    for (arm, scale), runs in sorted(groups.items(), key=lambda kv: (ARMS.index(kv[0][0]) if kv[0][0] in ARMS else 9, kv[0][1])):
+    def order(kv):
+        arm = kv[0][0].split(" ")[0]
+        return (ARMS.index(arm) if arm in ARMS else 9, kv[0][1], kv[0][0])
+
+    for (arm, scale), runs in sorted(groups.items(), key=order):
         name = arm if arm == "lora" else f"{arm} lr x{scale:g}"
         cells = [mean_sd([r["val"][str(b)]["accuracy"] for r in runs if str(b) in r["val"]]) for b in budgets]
         steps = [s for r in runs for s in r["step_seconds"]]
@@ -242,6 +263,9 @@ def main() -> None:
     parser.add_argument("--active-layers", type=float, default=0.25)
     parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--importance-lr", type=float, default=10.0)
+    parser.add_argument("--probe-layers", type=lambda s: int(s) if s.isdigit() else float(s), default=0.5,
+                        help="N_v: an int count or a float fraction (suppressed layers under the reference rule)")
+    parser.add_argument("--reward", default="difference", choices=["difference", "standardized"])
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])

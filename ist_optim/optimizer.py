@@ -51,7 +51,7 @@ from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
 from .policies import CKALayers, GradNormLayers, LayerPolicy, PolicyContext, layer_grad_norms
-from .scheduler import ImportanceScheduler, as_int, check_seed
+from .scheduler import REWARDS, ImportanceScheduler, as_int, check_seed
 from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules
 
 __all__ = ["IST", "ISTAdamW"]
@@ -83,6 +83,12 @@ class IST(Optimizer):
         importance_lr: ``mu`` >= 0. Default 10.0 (paper: 10 commonsense, 100 math).
         rule: ``"reference"`` (the authors' released code, default) or
             ``"paper"``; see :mod:`ist_optim.scheduler`.
+        reward: ``"difference"`` (default: ``exp(-L_j) - mean exp(-L)``, as
+            the paper and the reference code) or ``"standardized"`` (that
+            divided by its std over the round's candidates, so
+            ``importance_lr`` alone sets how far one update moves importance;
+            meant for few suppressed layers per candidate, e.g.
+            ``probe_layers=1``); see :mod:`ist_optim.scheduler`.
         probe_mode: ``"sequential"`` (default) or ``"batched"``; see
             :mod:`ist_optim.probes`.
         kernels: ``"auto"`` (default: Triton for peft LoRA ``Linear`` adapters
@@ -151,6 +157,7 @@ class IST(Optimizer):
         suppression: float = 0.25,
         importance_lr: float = 10.0,
         rule: str = "reference",
+        reward: str = "difference",
         probe_mode: str = "sequential",
         kernels: str = "auto",
         loss_fn: LossFn | None = None,
@@ -177,6 +184,8 @@ class IST(Optimizer):
             raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
         if probe_mode not in PROBE_MODES:
             raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
+        if reward not in REWARDS:  # checked here too: policies other than "ist" build no scheduler
+            raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
         if kernels not in KERNEL_CHOICES:
@@ -238,6 +247,7 @@ class IST(Optimizer):
                 importance_lr=importance_lr,
                 rule=rule,
                 seed=seed,
+                reward=reward,
             )
         self.probes_enabled = probes_enabled
         self.adapters = find_adapter_modules(model, self.layer_map.params)
@@ -280,6 +290,7 @@ class IST(Optimizer):
             suppression=float(suppression),
             importance_lr=float(importance_lr),
             rule=rule,
+            reward=reward,
             probe_mode=probe_mode,
             kernels=kernels,
             state_policy=state_policy,
@@ -609,7 +620,7 @@ OUTSIDE_LAYERS = ("train", "freeze")
 
 _CHECKPOINTED_OPTIONS = (
     "policy",
-    "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule",
+    "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule", "reward",
     "probe_mode", "state_policy", "backward_cut", "checkpoint_unselected", "seed", "outside_layers",
 )
 

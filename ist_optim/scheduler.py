@@ -20,9 +20,22 @@ matters more, train it more often". Two rule sets are available
     ``I_i -= mu * r_j * g_i`` for ``i`` in suppressed set ``j``, with
     ``g = sigmoid(I) * (1 - sigmoid(I))`` taken once before the ``N_c`` updates.
 
-In both, ``r_j = exp(-L_j) - mean_k exp(-L_k)``. Note that ``probe_layers``
-counts kept layers under ``"paper"`` and suppressed layers under
-``"reference"``, as in each source; at the default 0.5 the two coincide.
+In both, ``r_j = exp(-L_j) - mean_k exp(-L_k)`` (``reward="difference"``, the
+default). Note that ``probe_layers`` counts kept layers under ``"paper"`` and
+suppressed layers under ``"reference"``, as in each source; at the default 0.5
+the two coincide.
+
+``reward="standardized"`` (opt-in, this library's) divides the rewards of a
+round by their standard deviation over the ``N_c`` candidates,
+``r_j = (v_j - mean_k v_k) / std_k(v_k)`` with ``v = exp(-L)`` and the
+population std (all rewards 0 when every candidate has the same loss). The
+rewards of a round are then scale-free (their squares sum to ``N_c``): how far
+one update moves importance is set by ``importance_lr`` alone, not by how much
+the candidates' losses happen to differ. That matters when candidates differ
+by little, e.g. with few suppressed layers per candidate (``probe_layers=1``
+under ``"reference"``), where the difference rewards are ~0.01 and
+``importance_lr=10`` moves importance by a few hundredths per update
+(README, "Why IST's importance does not separate in short runs").
 """
 
 from __future__ import annotations
@@ -34,9 +47,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ImportanceScheduler", "resolve_layer_count", "RULES"]
+__all__ = ["ImportanceScheduler", "resolve_layer_count", "RULES", "REWARDS"]
 
 RULES = ("reference", "paper")
+REWARDS = ("difference", "standardized")
 
 # Rejection sampling for distinct candidate sets gives up after this many draws
 # per candidate and accepts a repeat (possible when importance is very peaked).
@@ -91,6 +105,9 @@ class ImportanceScheduler:
         num_probes: ``N_c``, candidate sets per importance update (0 disables).
         importance_lr: ``mu``, the importance learning rate.
         rule: ``"reference"`` (default) or ``"paper"``; see the module docstring.
+        reward: ``"difference"`` (default, paper Eq. 9 and the reference code)
+            or ``"standardized"`` (divided by the round's std over candidates);
+            see the module docstring.
         seed: seed of the scheduler's own ``torch.Generator`` (the global RNG
             is never touched, so dropout and data order are unaffected).
 
@@ -111,11 +128,14 @@ class ImportanceScheduler:
         importance_lr: float = 10.0,
         rule: str = "reference",
         seed: int = 0,
+        reward: str = "difference",
     ) -> None:
         if as_int(num_layers) is None or as_int(num_layers) < 1:
             raise ValueError(f"Invalid num_layers: {num_layers} (need a positive int)")
         if rule not in RULES:
             raise ValueError(f"Invalid rule: {rule!r} (expected one of {RULES})")
+        if reward not in REWARDS:
+            raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
         if as_int(num_probes) is None or as_int(num_probes) < 0:
             raise ValueError(f"Invalid num_probes: {num_probes} (need an int >= 0)")
         if (
@@ -134,6 +154,7 @@ class ImportanceScheduler:
         self.num_probes = num_probes
         self.importance_lr = float(importance_lr)
         self.rule = rule
+        self.reward = reward
         self.seed = seed
 
         # One reward needs at least one other candidate to be compared with, and
@@ -212,10 +233,23 @@ class ImportanceScheduler:
         return mask
 
     @staticmethod
-    def rewards(losses: torch.Tensor) -> torch.Tensor:
-        """``r_j = exp(-L_j) - mean_k exp(-L_k)`` (paper Eq. 9). ``(N_c,) -> (N_c,)``."""
+    def rewards(losses: torch.Tensor, reward: str = "difference") -> torch.Tensor:
+        """Rewards of one round's candidates, ``(N_c,) -> (N_c,)``.
+
+        ``"difference"``: ``r_j = exp(-L_j) - mean_k exp(-L_k)`` (paper Eq. 9).
+        ``"standardized"``: the same divided by ``std_k exp(-L_k)`` (population
+        std, so ``sum_j r_j**2 = N_c``); all zeros when that std is 0.
+        """
         value = torch.exp(-losses.double())
-        return (value - value.mean()).float()
+        centred = value - value.mean()
+        if reward == "standardized":
+            spread = centred.pow(2).mean().sqrt()
+            # Equal losses (e.g. every candidate suppresses only adapters that never trained, whose
+            # output is exactly 0): nothing to learn, not a division by zero.
+            centred = centred / spread if spread > 0 else torch.zeros_like(centred)
+        elif reward != "difference":
+            raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
+        return centred.float()
 
     def update(self, kept: torch.Tensor, losses: torch.Tensor) -> bool:
         """Apply one importance update from the probe losses.
@@ -236,7 +270,7 @@ class ImportanceScheduler:
         if not bool(torch.isfinite(losses).all()):
             self.num_skipped += 1
             return False
-        reward = self.rewards(losses)  # (N_c,)
+        reward = self.rewards(losses, self.reward)  # (N_c,)
         if self.rule == "paper":
             delta = (kept.float() * reward[:, None]).sum(0)
         else:
@@ -258,6 +292,7 @@ class ImportanceScheduler:
             "num_skipped": self.num_skipped,
             "num_layers": self.num_layers,
             "rule": self.rule,
+            "reward": self.reward,
         }
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,6 +307,11 @@ class ImportanceScheduler:
             )
         if state_dict["rule"] != self.rule:
             raise ValueError(f"loaded state uses rule={state_dict['rule']!r}, but this scheduler uses {self.rule!r}")
+        saved_reward = state_dict.get("reward", "difference")  # checkpoints from before the option
+        if saved_reward != self.reward:
+            raise ValueError(
+                f"loaded state uses reward={saved_reward!r}, but this scheduler uses {self.reward!r}"
+            )
         if tuple(state_dict["importance"].shape) != (self.num_layers,):
             raise ValueError(f"loaded importance has shape {tuple(state_dict['importance'].shape)}")
 
@@ -287,5 +327,5 @@ class ImportanceScheduler:
         return (
             f"{type(self).__name__}(num_layers={self.num_layers}, active_layers={self.num_active}, "
             f"probe_layers={self.num_probe_layers}, num_probes={self.num_probes}, "
-            f"importance_lr={self.importance_lr}, rule={self.rule!r}, seed={self.seed})"
+            f"importance_lr={self.importance_lr}, rule={self.rule!r}, reward={self.reward!r}, seed={self.seed})"
         )

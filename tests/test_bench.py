@@ -79,3 +79,32 @@ def test_step_split_smoke():
     assert set(rows) == {"lora", "ist"}
     assert float(rows["ist"][3]) > 0 and float(rows["lora"][3]) == 0  # only IST has probe rounds
     assert float(rows["lora"][-1]) == 1.0
+
+
+def test_quality_benchmark_keeps_estimator_options_apart(tmp_path):
+    """A run with reward="standardized" / probe_layers=1 is a run of its own, resumed and tabled as its own group."""
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "quality.jsonl"
+    common = ["--model", "tiny", "--setting", "weekday", "--arms", "ist", "--seeds", "0", "--budgets", "2",
+              "--sparse-lr-scales", "4", "--probe-interval", "1", "--eval-size", "8", "--out", str(results)]
+    standardized = [*common, "--reward", "standardized", "--probe-layers", "1", "--importance-lr", "4"]
+    run("quality.py", *common)
+    out = run("quality.py", *standardized)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["reward"], r["probe_layers"], r["importance_lr"]) for r in records] == [
+        ("difference", 0.5, 10.0), ("standardized", 1, 4.0)]
+    assert records[0]["importance"] != records[1]["importance"]  # the option reached the optimizer
+    assert "ist probe_layers=1,reward=standardized,mu=4 lr x4" in out and "\nist lr x4" in out
+    run("quality.py", *standardized)  # resumed: nothing re-run
+    assert len(results.read_text().splitlines()) == 2
+
+
+def test_importance_study_smoke(tmp_path):
+    out_json = tmp_path / "study.json"
+    out = run("importance_study.py", "--model", "tiny", "--train-steps", "6", "--batches", "3", "--masks", "2",
+              "--replays", "3", "--out", str(out_json))
+    data = json.loads(out_json.read_text())
+    assert len(data["rows"]) == 3 and len(data["rows"][0]["single"]) == data["layers"] == 4
+    assert len(data["importance"]) == 1  # one probe round at probe_interval=5 in 6 steps
+    for estimator in ("reference", "zscore", "antithetic", "lstsq", "single"):
+        assert f"{estimator}@16" in out
