@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -84,29 +83,12 @@ def test_bad_reward_raises():
         ISTAdamW(tiny_peft_llama(), policy="random", reward="ranked")
 
 
-def test_scheduler_checkpoint_keeps_the_reward_and_resumes_identically():
-    a = ImportanceScheduler(8, num_probes=3, probe_layers=1, importance_lr=4.0, reward="standardized", seed=3)
-    for _ in range(3):
-        kept = a.sample_candidates()
-        a.update(kept, torch.rand(3) + kept[:, 0].double())
-        a.sample_active()
-    buffer = io.BytesIO()
-    torch.save(a.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+def test_scheduler_checkpoint_keeps_the_reward_and_refuses_another():
+    """The round trip itself is test_scheduler's (parametrized over reward); here: the reward is saved and checked."""
+    state = ImportanceScheduler(8, num_probes=3, probe_layers=1, reward="standardized", seed=3).state_dict()
     assert state["reward"] == "standardized"
     with pytest.raises(ValueError, match="reward"):
-        ImportanceScheduler(8, num_probes=3, probe_layers=1, importance_lr=4.0).load_state_dict(state)
-    b = ImportanceScheduler(8, num_probes=3, probe_layers=1, importance_lr=4.0, reward="standardized", seed=99)
-    b.load_state_dict(state)
-    for _ in range(4):
-        ka, kb = a.sample_candidates(), b.sample_candidates()
-        assert torch.equal(ka, kb)
-        losses = torch.rand(3)
-        a.update(ka, losses)
-        b.update(kb, losses)
-        assert torch.equal(a.importance, b.importance)
-        assert a.sample_active() == b.sample_active()
+        ImportanceScheduler(8, num_probes=3, probe_layers=1).load_state_dict(state)
 
 
 def test_checkpoint_from_before_the_option_loads_as_difference():

@@ -137,9 +137,10 @@ def test_non_finite_losses_skip_the_update_and_are_counted(rule):
     assert (sched.num_skipped, sched.num_updates) == (2, 0)
 
 
-@pytest.mark.parametrize("rule", ["paper", "reference"])
-def test_state_dict_round_trip_continues_identically(rule):
-    a = ImportanceScheduler(8, num_probes=3, rule=rule, seed=11)
+@pytest.mark.parametrize("rule,reward", [("paper", "difference"), ("reference", "difference"),
+                                         ("reference", "standardized")])
+def test_state_dict_round_trip_continues_identically(rule, reward):
+    a = ImportanceScheduler(8, num_probes=3, rule=rule, reward=reward, seed=11)
     for _ in range(3):
         kept = a.sample_candidates()
         a.update(kept, torch.rand(3) + kept[:, 0].double())
@@ -147,7 +148,7 @@ def test_state_dict_round_trip_continues_identically(rule):
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    b = ImportanceScheduler(8, num_probes=3, rule=rule, seed=999)
+    b = ImportanceScheduler(8, num_probes=3, rule=rule, reward=reward, seed=999)
     b.load_state_dict(torch.load(buffer, weights_only=True))
     assert b.active == a.active
     for _ in range(5):
