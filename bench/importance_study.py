@@ -112,7 +112,7 @@ def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidat
                 imp[i] -= (v - mean) / sd if sd > 0 else 0.0
             continue
         pairs = len(row["masks"]) // 2
-        if estimator == "antithetic":  # candidates in complementary pairs, on the same batch
+        if estimator == "antithetic":  # one complementary pair on the same batch: 2 forwards a round, not 3
             picks = [2 * p + s for p in rng.sample(range(pairs), max(1, candidates // 2)) for s in (0, 1)]
         else:  # independent half-masks, as the reference rule draws at importance ~ 0
             picks = rng.sample(range(len(row["masks"])), candidates)
@@ -133,7 +133,9 @@ def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidat
             continue
         for m, r in zip(kept, reward):
             for i in range(L):
-                imp[i] += r if m[i] else -r  # reference: suppressed set gets -r (sign-flipped); kept set +r
+                # The rewards of a round sum to 0, so this is 2x the reference rule's -sum_j r_j [i suppressed in j]
+                # (without its sigmoid factor, ~1/4 near importance 0): the same direction, read from both sides.
+                imp[i] += r if m[i] else -r
     if estimator == "lstsq":
         X = torch.tensor(design, dtype=torch.float64)
         y = torch.tensor(response, dtype=torch.float64)
