@@ -41,6 +41,8 @@ from common import conditions
 from finetune import ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, tiny_model, train_run
 from tasks import SHARED_DATA, load_task, weekday_task
 
+from ist_optim.scheduler import REWARDS
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
     "weekday": None,
@@ -265,7 +267,7 @@ def main() -> None:
     parser.add_argument("--importance-lr", type=float, default=10.0)
     parser.add_argument("--probe-layers", type=lambda s: int(s) if s.isdigit() else float(s), default=0.5,
                         help="N_v: an int count or a float fraction (suppressed layers under the reference rule)")
-    parser.add_argument("--reward", default="difference", choices=["difference", "standardized"])
+    parser.add_argument("--reward", default="difference", choices=REWARDS)
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])

@@ -87,14 +87,15 @@ def test_quality_benchmark_keeps_estimator_options_apart(tmp_path):
     results = tmp_path / "quality.jsonl"
     common = ["--model", "tiny", "--setting", "weekday", "--arms", "ist", "--seeds", "0", "--budgets", "2",
               "--sparse-lr-scales", "4", "--probe-interval", "1", "--eval-size", "8", "--out", str(results)]
-    standardized = [*common, "--reward", "standardized", "--probe-layers", "1", "--importance-lr", "4"]
+    # same importance_lr as the default run: only the estimator options tell the two runs apart
+    standardized = [*common, "--reward", "standardized", "--probe-layers", "1"]
     run("quality.py", *common)
     out = run("quality.py", *standardized)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["reward"], r["probe_layers"], r["importance_lr"]) for r in records] == [
-        ("difference", 0.5, 10.0), ("standardized", 1, 4.0)]
+        ("difference", 0.5, 10.0), ("standardized", 1, 10.0)]
     assert records[0]["importance"] != records[1]["importance"]  # the option reached the optimizer
-    assert "ist probe_layers=1,reward=standardized,mu=4 lr x4" in out and "\nist lr x4" in out
+    assert "ist probe_layers=1,reward=standardized,mu=10 lr x4" in out and "\nist lr x4" in out
     run("quality.py", *standardized)  # resumed: nothing re-run
     assert len(results.read_text().splitlines()) == 2
 
