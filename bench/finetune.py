@@ -11,7 +11,10 @@ Tokens: a task whose answers are all single tokens (a verbalizer: " even"/
 " odd", " negative"/" positive") runs left-padded with ``logits_to_keep=1``
 and a cross-entropy on the last position; there IST's probes get the targets
 through ``opt.set_loss_inputs``, since they are no forward input. Other tasks
-run right-padded with ``labels`` (the answer's tokens, prompt masked).
+run left-padded with ``labels`` (the answer's tokens, prompt masked) and
+``logits_to_keep`` (the LM head runs on the answer's positions only). A
+classifier (``Batches(..., head=True)``: an encoder with a classification
+head, e.g. MiniLM) takes the prompt and ``labels`` = the answer's index.
 """
 
 from __future__ import annotations
@@ -81,25 +84,37 @@ def _encode(tokens, text: str, prompt: bool) -> list[int]:
 class Batches:
     """Turns examples into model inputs for training and for scoring choices."""
 
-    def __init__(self, tokens, task: Task, max_prompt_tokens: int = 256) -> None:
+    def __init__(self, tokens, task: Task, max_prompt_tokens: int = 256, head: bool = False) -> None:
         self.tokens = tokens
         self.max_prompt_tokens = max_prompt_tokens
         examples = task.train + task.val + task.test
         choices = {c for ex in examples for c in ex.choices}
         self.choice_ids = {c: _encode(tokens, c, prompt=False) for c in choices}
+        shared = {ex.choices for ex in examples}
+        self.head = head  # a classification head: labels are the answers' indices
+        if head and len(shared) != 1:
+            raise ValueError(f"{task.name}: a classification head needs one set of choices shared by every example, "
+                             f"but the examples have {len(shared)} different sets (score it as a causal LM instead)")
+        self.num_labels = len(next(iter(shared))) if len(shared) == 1 else 0
         # A verbalizer: one set of single-token answers shared by every example; its loss is the
         # cross-entropy over those label words at the last position (a classification head in words).
-        shared = {ex.choices for ex in examples}
-        self.verbalizer = len(shared) == 1 and all(len(ids) == 1 for ids in self.choice_ids.values())
+        self.verbalizer = not head and len(shared) == 1 and all(len(ids) == 1 for ids in self.choice_ids.values())
         self.label_words = (
             torch.tensor([self.choice_ids[c][0] for c in next(iter(shared))]) if self.verbalizer else None
         )
 
     def _prompt(self, ex: Example) -> list[int]:
-        return _encode(self.tokens, ex.prompt, prompt=True)[-self.max_prompt_tokens :]  # keep the end: the question
+        ids = _encode(self.tokens, ex.prompt, prompt=True)
+        if self.head:  # an encoder pools its first token ([CLS]): keep the start
+            return ids[: self.max_prompt_tokens]
+        return ids[-self.max_prompt_tokens :]  # a causal LM answers after the end: keep the question
 
-    def train_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Inputs of a training forward, and ``target`` (verbalizer) or ``labels`` (continuations)."""
+    def train_batch(self, examples: list[Example]) -> dict[str, Any]:
+        """Inputs of a training forward, and ``target`` (verbalizer) or ``labels`` (continuations, class indices)."""
+        if self.head:
+            batch = self._pad([self._prompt(ex) for ex in examples], left=False)
+            batch["labels"] = torch.tensor([ex.answer for ex in examples])
+            return batch
         if self.verbalizer:
             rows = [self._prompt(ex) for ex in examples]
             batch = self._pad(rows, left=True)
@@ -110,8 +125,13 @@ class Batches:
             prompt, answer = self._prompt(ex), self.choice_ids[ex.choices[ex.answer]]
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
-        batch = self._pad(rows, left=False)
-        batch["labels"] = self._pad(labels, left=False, value=-100)["input_ids"]
+        # Left-padded, so every answer ends at the last position: the LM head and the loss then run on the last
+        # ``keep`` positions only (``logits_to_keep``; labels cut to match, the first of them masked), not on the
+        # whole prompt: at 128-token prompts and a 49k vocabulary that is a fifth of the forward.
+        keep = max(len(self.choice_ids[ex.choices[ex.answer]]) for ex in examples) + 1
+        batch = self._pad(rows, left=True)
+        batch["labels"] = self._pad(labels, left=True, value=-100)["input_ids"][:, -keep:]
+        batch["logits_to_keep"] = keep
         return batch
 
     def _pad(self, rows: list[list[int]], left: bool, value: int | None = None) -> dict[str, torch.Tensor]:
@@ -124,6 +144,11 @@ class Batches:
             ids[i, span] = torch.tensor(row)
             mask[i, span] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (``logits_to_keep`` is an int)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def forward_loss(model: torch.nn.Module, batches: Batches, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,6 +172,13 @@ def evaluate(model: torch.nn.Module, batches: Batches, examples: list[Example], 
     correct, losses = 0, []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
+        if batches.head:
+            batch = batches.train_batch(chunk)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            logits = logits.logits.float().cpu()
+            losses += F.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            continue
         if batches.verbalizer:
             batch = batches.train_batch(chunk)
             inputs = {k: v.to(device) for k, v in batch.items() if k != "target"}
@@ -156,8 +188,9 @@ def evaluate(model: torch.nn.Module, batches: Batches, examples: list[Example], 
             continue
         # One row per (example, choice): the choice's summed token log-probabilities.
         flat = [Example(ex.prompt, (c,), 0) for ex in chunk for c in ex.choices]
-        batch = batches.train_batch(flat)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        batch = batches.train_batch(flat)  # logits of the last positions only, labels cut to match
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=batch["logits_to_keep"])
         logits = logits.logits.float().cpu()
         labels = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -213,8 +246,15 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torc
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.arm == "lora":
         return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    # The lr scale is for the layers' adapters (each trains in a fraction of the steps); a classifier head
+    # trains every step, so it keeps LoRA-all's lr.
+    head = [p for n, p in model.named_parameters() if p.requires_grad and ".classifier." in n]
+    ids = {id(p) for p in head}
+    groups = [{"params": [p for p in trainable if id(p) not in ids], "lr": config.lr * config.sparse_lr_scale}]
+    if head:
+        groups.append({"params": head, "lr": config.lr})
     options: dict[str, Any] = dict(
-        lr=config.lr * config.sparse_lr_scale, weight_decay=0.0, active_layers=config.active_layers,
+        params=groups, weight_decay=0.0, active_layers=config.active_layers,
         probe_interval=config.probe_interval, importance_lr=config.importance_lr, suppression=config.suppression,
         num_probes=config.num_probes, probe_layers=config.probe_layers, reward=config.reward, seed=config.seed,
     )
@@ -230,9 +270,19 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torc
 
 
 def add_lora(base: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)  # the same LoRA init for every arm of a seed
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    return get_peft_model(copy.deepcopy(base), config)
+    """LoRA on every linear map of the blocks; a classifier's head is re-drawn under ``seed`` and trained fully."""
+    torch.manual_seed(seed)  # the same LoRA init (and head) for every arm of a seed
+    model = copy.deepcopy(base)
+    if getattr(model.config, "model_type", None) == "bert":
+        from minilm import LORA_TARGETS as BERT_TARGETS
+
+        torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(model.classifier.bias)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=BERT_TARGETS,
+                            task_type="SEQ_CLS")  # SEQ_CLS: the classifier trains (modules_to_save)
+    else:
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    return get_peft_model(model, config)
 
 
 def train_run(
@@ -253,7 +303,7 @@ def train_run(
     measure_at = min(3, config.steps) if config.measure_memory else -1  # after warm-up; not timed
     start_run = time.perf_counter()
     for step in range(1, config.steps + 1):
-        batch = {k: v.to(device) for k, v in batches.train_batch(order.sample(task.train, config.batch_size)).items()}
+        batch = to_device(batches.train_batch(order.sample(task.train, config.batch_size)), device)
 
         def one_step() -> float:
             if isinstance(opt, ISTAdamW):
@@ -302,3 +352,14 @@ def tiny_model(tokens: WordTokenizer, layers: int = 4, hidden: int = 64) -> torc
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024, pad_token_id=0)
     return LlamaForCausalLM(config)
+
+
+def tiny_classifier(tokens: WordTokenizer, num_labels: int, layers: int = 4, hidden: int = 64) -> torch.nn.Module:
+    """A config-built BERT with a classification head for smoke tests (random weights, dropout off)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokens.vocab) + 2, hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=512,
+                        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return BertForSequenceClassification(config)

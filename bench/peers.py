@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 from common import conditions, peak_step_bytes
-from finetune import Batches, _encode, add_lora, evaluate, forward_loss, verbalizer_loss
+from finetune import Batches, _encode, add_lora, evaluate, forward_loss, to_device, verbalizer_loss
 from tasks import SHARED_DATA, load_task, weekday_task
 
 from ist_optim import ISTAdamW
@@ -218,7 +218,7 @@ def run_one(args: argparse.Namespace) -> dict:
     seconds: list[float] = []
 
     def step(opt: torch.optim.Optimizer) -> None:
-        batch = {k: v.to(device) for k, v in next_batch().items()}
+        batch = to_device(next_batch(), device)
         loss = forward_loss(model, batches, batch)
         loss.backward()
         if isinstance(opt, ISTAdamW) and "target" in batch:

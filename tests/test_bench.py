@@ -68,7 +68,7 @@ def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     ist = next(r for r in records if r["arm"] == "ist")
     assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
     assert "first budget from which" in out and "agreement across seeds" in out
-    assert (tmp_path / "quality_weekday.png").stat().st_size > 0
+    assert (tmp_path / "quality_weekday_tiny.png").stat().st_size > 0  # plots of models other than smollm2 are named
     run("quality.py", *args)  # resumed: every run is already there
     assert len(results.read_text().splitlines()) == len(records)
 
@@ -109,3 +109,18 @@ def test_importance_study_smoke(tmp_path):
     assert len(data["importance"]) == 1  # one probe round at probe_interval=5 in 6 steps
     for estimator in ("reference", "zscore", "antithetic", "lstsq", "single"):
         assert f"{estimator}@16" in out
+
+
+def test_quality_benchmark_classifier_smoke(tmp_path):
+    """--model tiny-bert: an encoder with a classification head (the MiniLM setting's code path), every arm."""
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "quality.jsonl"
+    args = ["--model", "tiny-bert", "--setting", "weekday", "--arms", "lora,ist,random", "--seeds", "0",
+            "--budgets", "2,4", "--sparse-lr-scales", "4", "--probe-interval", "2", "--eval-size", "16",
+            "--out", str(results)]
+    out = run("quality.py", *args)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["model"], r["arm"]) for r in records] == [("tiny-bert", "lora"), ("tiny-bert", "ist"), ("tiny-bert", "random")]
+    ist = next(r for r in records if r["arm"] == "ist")
+    assert len(ist["importance"]) == 2 and len(ist["layer_counts"]) == 4  # the 4 encoder blocks are the layers
+    assert "ist lr x4" in out and (tmp_path / "quality_weekday_tiny-bert.png").stat().st_size > 0
