@@ -222,6 +222,7 @@ class RunConfig:
     num_probes: int = 3
     probe_layers: int | float = 0.5  # N_v (suppressed layers under the reference rule); an int is a count
     reward: str = "difference"  # or "standardized" (see ist_optim.scheduler)
+    lr_follows_rate: bool = False  # per-layer lr: min(sparse_lr_scale, steps / steps the layer trained) x lr
     seed: int = 0
     eval_at: tuple[int, ...] = ()  # steps after which the validation split is scored
     measure_memory: bool = True
@@ -240,6 +241,7 @@ class RunResult:
     peak_bytes: int | None = None  # weights + optimizer state + the peak of one step's new allocations
     seconds: float = 0.0
     model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torch.Tensor | None) -> torch.optim.Optimizer:
@@ -251,6 +253,15 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torc
     head = [p for n, p in model.named_parameters() if p.requires_grad and ".classifier." in n]
     ids = {id(p) for p in head}
     groups = [{"params": [p for p in trainable if id(p) not in ids], "lr": config.lr * config.sparse_lr_scale}]
+    if config.lr_follows_rate:  # one group per block, so each block's lr can follow how often it trains
+        by_block: dict[int, list[torch.nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in ids:
+                match = re.search(r"\.layers?\.(\d+)\.", name)
+                if match is None:
+                    raise ValueError(f"lr_follows_rate: {name} is in no numbered block")
+                by_block.setdefault(int(match.group(1)), []).append(p)
+        groups = [{"params": by_block[b], "lr": config.lr * config.sparse_lr_scale} for b in sorted(by_block)]
     if head:
         groups.append({"params": head, "lr": config.lr})
     options: dict[str, Any] = dict(
@@ -285,6 +296,18 @@ def add_lora(base: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+def layer_of_groups(opt: ISTAdamW) -> list[int | None]:
+    """For each param group of ``opt``, the layer that holds all its parameters (``None``: outside every layer)."""
+    owner = {id(p): i for i, params in enumerate(opt.layer_map.params) for p in params}
+    out = []
+    for group in opt.param_groups:
+        layers = {owner.get(id(p)) for p in group["params"]}
+        if len(layers) != 1:
+            raise ValueError(f"a param group spans layers {sorted(layers, key=str)}: lr_follows_rate needs one group per layer")
+        out.append(layers.pop())
+    return out
+
+
 def train_run(
     base: torch.nn.Module,
     batches: Batches,
@@ -300,6 +323,7 @@ def train_run(
     result = RunResult(config)
     order = random.Random(config.seed)  # the same batches, in the same order, for every arm of a seed
     layer_counts = [0] * len(opt.layer_names) if isinstance(opt, ISTAdamW) else []
+    group_layer = layer_of_groups(opt) if config.lr_follows_rate and isinstance(opt, ISTAdamW) else []
     measure_at = min(3, config.steps) if config.measure_memory else -1  # after warm-up; not timed
     start_run = time.perf_counter()
     for step in range(1, config.steps + 1):
@@ -309,6 +333,9 @@ def train_run(
             if isinstance(opt, ISTAdamW):
                 for layer in opt.active_layers:
                     layer_counts[layer] += 1
+                for group, layer in zip(opt.param_groups, group_layer):
+                    if layer is not None and layer_counts[layer]:  # not trained yet: not stepped either
+                        group["lr"] = config.lr * min(config.sparse_lr_scale, step / layer_counts[layer])
             loss = forward_loss(model, batches, batch)
             loss.backward()
             if isinstance(opt, ISTAdamW) and "target" in batch:
@@ -340,6 +367,7 @@ def train_run(
     result.seconds = time.perf_counter() - start_run
     result.layer_counts = layer_counts
     result.model = model
+    result.optimizer = opt
     return result
 
 

@@ -7,7 +7,9 @@ train; settings are chosen on it) after each budget in ``--budgets``: one run
 of the largest budget gives the curve (with a constant lr a shorter run is
 the same run stopped early). The test split is scored once, after the last
 step. Sparse arms can take a larger lr (``--sparse-lr-scales``): each of their
-layers trains in about ``active_layers`` of the steps.
+layers trains in about ``active_layers`` of the steps; with ``--lr-follows-rate``
+each layer's lr is ``lr x min(scale, steps so far / steps it trained)`` instead,
+so a layer a policy trains more often than ``active_layers`` gets less.
 
 Every finished run is one JSON line in ``--out`` (so a long study survives an
 interruption: runs already there are skipped); ``--summary`` prints the
@@ -70,21 +72,24 @@ CLASSIFIERS = ("minilm", "tiny-bert")  # an encoder with a classification head; 
 
 # Estimator options added later: records written before them ran with these values.
 ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
+LR_DEFAULTS = {"lr_follows_rate": False}
 
 
 def run_key(record: dict) -> tuple:
     return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
             record["steps"], record["batch"], record["probe_interval"], record["importance_lr"],
-            *(record.get(k, v) for k, v in ESTIMATOR_DEFAULTS.items()))
+            *(record.get(k, v) for k, v in {**ESTIMATOR_DEFAULTS, **LR_DEFAULTS}.items()))
 
 
 def estimator_label(record: dict) -> str:
-    """How an IST arm's estimator differs from the defaults (and from ``--importance-lr 10``), for the tables."""
-    if not record["arm"].startswith("ist"):
-        return ""
-    parts = [f"{k}={record.get(k, v)}" for k, v in ESTIMATOR_DEFAULTS.items() if record.get(k, v) != v]
-    if parts:
-        parts.append(f"mu={record['importance_lr']:g}")
+    """How a sparse arm differs from the defaults (an IST estimator's options, ``--lr-follows-rate``), for the tables."""
+    parts = []
+    if record["arm"].startswith("ist"):
+        parts = [f"{k}={record.get(k, v)}" for k, v in ESTIMATOR_DEFAULTS.items() if record.get(k, v) != v]
+        if parts:
+            parts.append(f"mu={record['importance_lr']:g}")
+    if record["arm"] != "lora" and record.get("lr_follows_rate"):
+        parts.append("rate-lr")
     return " " + ",".join(parts) if parts else ""
 
 
@@ -136,13 +141,15 @@ def run_all(args: argparse.Namespace) -> None:
                 record = {"setting": args.setting, "model": args.model, "arm": arm, "seed": seed, "lr": args.lr,
                           "sparse_lr_scale": scale, "steps": budgets[-1], "batch": args.batch,
                           "probe_interval": args.probe_interval, "importance_lr": args.importance_lr,
-                          "probe_layers": args.probe_layers, "reward": args.reward}
+                          "probe_layers": args.probe_layers, "reward": args.reward,
+                          "lr_follows_rate": args.lr_follows_rate and arm != "lora"}
                 if run_key(record) in done:
                     continue
                 config = RunConfig(arm, steps=budgets[-1], batch_size=args.batch, lr=args.lr, sparse_lr_scale=scale,
                                    probe_interval=args.probe_interval, importance_lr=args.importance_lr, seed=seed,
                                    eval_at=budgets, active_layers=args.active_layers,
-                                   probe_layers=args.probe_layers, reward=args.reward)
+                                   probe_layers=args.probe_layers, reward=args.reward,
+                                   lr_follows_rate=record["lr_follows_rate"])
                 started = time.perf_counter()
                 result = train_run(base, batches, task, config)
                 test = evaluate(result.model, batches, task.test)
@@ -292,6 +299,9 @@ def main() -> None:
     parser.add_argument("--probe-layers", type=lambda s: int(s) if s.isdigit() else float(s), default=0.5,
                         help="N_v: an int count or a float fraction (suppressed layers under the reference rule)")
     parser.add_argument("--reward", default="difference", choices=REWARDS)
+    parser.add_argument("--lr-follows-rate", action="store_true",
+                        help="sparse arms: each layer's lr is lr x min(sparse lr scale, steps so far / steps it trained), "
+                             "so a layer trained more often than active_layers gets less than the scaled lr")
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--model", default="smollm2", choices=MODELS,

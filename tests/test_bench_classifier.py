@@ -138,3 +138,21 @@ def test_sparse_lr_scale_leaves_the_every_step_head_at_loras_lr(task):
     lrs = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
     assert head and all(lrs[i] == 1e-3 for i in head)
     assert {lr for i, lr in lrs.items() if i not in head} == {4e-3}  # the blocks' adapters: lr x4
+
+
+def test_lr_follows_rate_gives_each_layer_lr_times_min_of_scale_and_inverse_rate():
+    from finetune import tiny_model
+
+    task = weekday_task(num_train=64, num_eval=8)
+    tokens = WordTokenizer.for_task(task)
+    batches = Batches(tokens, task)
+    config = RunConfig("ist-paper", steps=9, batch_size=4, lr=1e-3, sparse_lr_scale=4.0, probe_interval=3,
+                       importance_lr=100.0, lr_follows_rate=True, measure_memory=False)
+    result = train_run(tiny_model(tokens), batches, task, config)
+    opt = result.optimizer
+    assert len(opt.param_groups) == 4 and sum(result.layer_counts) == 9  # one group per block; 1 of 4 a step
+    for layer, group in enumerate(opt.param_groups):
+        count = result.layer_counts[layer]
+        if count:  # every trained layer's lr is set at each step: at the last, steps so far = 9
+            assert group["lr"] == pytest.approx(1e-3 * min(4.0, 9 / count), rel=1e-12)
+    assert any(4.0 > 9 / c for c in result.layer_counts if c)  # 9 draws of 4 layers: one trained 3+ times, below x4
