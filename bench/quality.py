@@ -73,12 +73,13 @@ CLASSIFIERS = ("minilm", "tiny-bert")  # an encoder with a classification head; 
 # Estimator options added later: records written before them ran with these values.
 ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
 LR_DEFAULTS = {"lr_follows_rate": False}
+DATA_DEFAULTS = {"max_prompt_tokens": 128, "eval_size": 256}  # what every run before they were recorded used
 
 
 def run_key(record: dict) -> tuple:
     return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
             record["steps"], record["batch"], record["probe_interval"], record["importance_lr"],
-            *(record.get(k, v) for k, v in {**ESTIMATOR_DEFAULTS, **LR_DEFAULTS}.items()))
+            *(record.get(k, v) for k, v in {**ESTIMATOR_DEFAULTS, **LR_DEFAULTS, **DATA_DEFAULTS}.items()))
 
 
 def estimator_label(record: dict) -> str:
@@ -142,7 +143,8 @@ def run_all(args: argparse.Namespace) -> None:
                           "sparse_lr_scale": scale, "steps": budgets[-1], "batch": args.batch,
                           "probe_interval": args.probe_interval, "importance_lr": args.importance_lr,
                           "probe_layers": args.probe_layers, "reward": args.reward,
-                          "lr_follows_rate": args.lr_follows_rate and arm != "lora"}
+                          "lr_follows_rate": args.lr_follows_rate and arm != "lora",
+                          "max_prompt_tokens": args.max_prompt_tokens, "eval_size": args.eval_size}
                 if run_key(record) in done:
                     continue
                 config = RunConfig(arm, steps=budgets[-1], batch_size=args.batch, lr=args.lr, sparse_lr_scale=scale,
