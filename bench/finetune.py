@@ -36,6 +36,7 @@ from peft import LoraConfig, get_peft_model
 from tasks import Example, Task
 
 from ist_optim import ISTAdamW
+from ist_optim.layers import discover_layers
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARMS = ("lora", "ist", "ist-paper", "random")
@@ -248,22 +249,17 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torc
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.arm == "lora":
         return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    # The lr scale is for the layers' adapters (each trains in a fraction of the steps); a classifier head
-    # trains every step, so it keeps LoRA-all's lr.
-    head = [p for n, p in model.named_parameters() if p.requires_grad and ".classifier." in n]
-    ids = {id(p) for p in head}
-    groups = [{"params": [p for p in trainable if id(p) not in ids], "lr": config.lr * config.sparse_lr_scale}]
-    if config.lr_follows_rate:  # one group per block, so each block's lr can follow how often it trains
-        by_block: dict[int, list[torch.nn.Parameter]] = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in ids:
-                match = re.search(r"\.layers?\.(\d+)\.", name)
-                if match is None:
-                    raise ValueError(f"lr_follows_rate: {name} is in no numbered block")
-                by_block.setdefault(int(match.group(1)), []).append(p)
-        groups = [{"params": by_block[b], "lr": config.lr * config.sparse_lr_scale} for b in sorted(by_block)]
-    if head:
-        groups.append({"params": head, "lr": config.lr})
+    # The lr scale is for the layers' adapters (each trains in a fraction of the steps); what lies outside every
+    # layer (a classifier head) trains every step, so it keeps LoRA-all's lr. The layers are the ones ISTAdamW
+    # will find (the same discovery), in its order: with lr_follows_rate group i is layer i ("layer" key).
+    layer_map = discover_layers(model, trainable)
+    scaled = config.lr * config.sparse_lr_scale
+    if config.lr_follows_rate:  # one group per layer, so each layer's lr can follow how often it trains
+        groups = [{"params": params, "lr": scaled, "layer": i} for i, params in enumerate(layer_map.params)]
+    else:
+        groups = [{"params": [p for params in layer_map.params for p in params], "lr": scaled}]
+    if layer_map.other_params:
+        groups.append({"params": layer_map.other_params, "lr": config.lr})
     options: dict[str, Any] = dict(
         params=groups, weight_decay=0.0, active_layers=config.active_layers,
         probe_interval=config.probe_interval, importance_lr=config.importance_lr, suppression=config.suppression,
@@ -296,18 +292,6 @@ def add_lora(base: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def layer_of_groups(opt: ISTAdamW) -> list[int | None]:
-    """For each param group of ``opt``, the layer that holds all its parameters (``None``: outside every layer)."""
-    owner = {id(p): i for i, params in enumerate(opt.layer_map.params) for p in params}
-    out = []
-    for group in opt.param_groups:
-        layers = {owner.get(id(p)) for p in group["params"]}
-        if len(layers) != 1:
-            raise ValueError(f"a param group spans layers {sorted(layers, key=str)}: lr_follows_rate needs one group per layer")
-        out.append(layers.pop())
-    return out
-
-
 def train_run(
     base: torch.nn.Module,
     batches: Batches,
@@ -323,7 +307,6 @@ def train_run(
     result = RunResult(config)
     order = random.Random(config.seed)  # the same batches, in the same order, for every arm of a seed
     layer_counts = [0] * len(opt.layer_names) if isinstance(opt, ISTAdamW) else []
-    group_layer = layer_of_groups(opt) if config.lr_follows_rate and isinstance(opt, ISTAdamW) else []
     measure_at = min(3, config.steps) if config.measure_memory else -1  # after warm-up; not timed
     start_run = time.perf_counter()
     for step in range(1, config.steps + 1):
@@ -333,7 +316,8 @@ def train_run(
             if isinstance(opt, ISTAdamW):
                 for layer in opt.active_layers:
                     layer_counts[layer] += 1
-                for group, layer in zip(opt.param_groups, group_layer):
+                for group in opt.param_groups if config.lr_follows_rate else ():
+                    layer = group.get("layer")
                     if layer is not None and layer_counts[layer]:  # not trained yet: not stepped either
                         group["lr"] = config.lr * min(config.sparse_lr_scale, step / layer_counts[layer])
             loss = forward_loss(model, batches, batch)
