@@ -29,10 +29,19 @@ a new classification head trained every step, on the prompt's tokens with
 ``labels`` = the answer's index (sst2 and weekday: one shared label set);
 ``tiny`` and ``tiny-bert``, config-built, for smoke tests.
 
-    python bench/quality.py --setting sst2                       # about an hour on a 2-core CPU
+Without flags each setting runs the study the README reports, sized to finish
+in about an hour on a 2-core CPU (``STUDIES``; any flag overrides its part):
+
+  weekday      lora,ist,random x 3 seeds, budgets 20,40,80, sparse lr x1 and x4      about 45 min
+  sst2         lora,ist,random x 3 seeds, budgets 30,60, sparse lr x4                about 55 min
+  sst2 minilm  lora,ist,random x 3 seeds, budgets 60,120,240,480, sparse lr x1 and x4 about 60 min
+  commonsense  lora,ist,random x 3 seeds, budget 60, sparse lr x4, batch 8,
+               96-token prompts, 128 validation and test questions               about 75 min
+
+    python bench/quality.py --setting sst2
     python bench/quality.py --setting sst2 --summary
     python bench/quality.py --setting weekday --arms lora,random --policy cka   # any selection policy
-    python bench/quality.py --setting sst2 --model minilm --budgets 60,120,240,480
+    python bench/quality.py --setting sst2 --model minilm
 """
 
 from __future__ import annotations
@@ -74,12 +83,33 @@ CLASSIFIERS = ("minilm", "tiny-bert")  # an encoder with a classification head; 
 ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
 LR_DEFAULTS = {"lr_follows_rate": False}
 DATA_DEFAULTS = {"max_prompt_tokens": 128, "eval_size": 256}  # what every run before they were recorded used
+RUN_DEFAULTS = {"active_layers": 0.25}
+# Options a table row is labelled with when the runs of a setting differ in them (otherwise runs would pool).
+CONFIG_KEYS = ("lr", "steps", "batch", "probe_interval", "active_layers", "max_prompt_tokens", "eval_size")
+
+# The study each (setting, model) runs when no flag says otherwise (the README's tables), over GENERIC.
+GENERIC = {"arms": ["lora", "ist", "random"], "seeds": [0, 1, 2], "budgets": [60, 120, 240], "sparse_lr_scales": [1.0, 4.0],
+           "batch": 16, **DATA_DEFAULTS}
+STUDIES = {
+    ("weekday", "smollm2"): {"budgets": [20, 40, 80]},
+    ("sst2", "smollm2"): {"budgets": [30, 60], "sparse_lr_scales": [4.0]},
+    ("sst2", "minilm"): {"budgets": [60, 120, 240, 480]},
+    ("commonsense", "smollm2"): {"budgets": [60], "sparse_lr_scales": [4.0], "batch": 8, "max_prompt_tokens": 96,
+                                 "eval_size": 128},
+}
+
+
+def fill_study_defaults(args: argparse.Namespace) -> None:
+    """Every option left unset takes its value from the setting's study (``STUDIES``), else from ``GENERIC``."""
+    for name, value in {**GENERIC, **STUDIES.get((args.setting, args.model), {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def run_key(record: dict) -> tuple:
     return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
             record["steps"], record["batch"], record["probe_interval"], record["importance_lr"],
-            *(record.get(k, v) for k, v in {**ESTIMATOR_DEFAULTS, **LR_DEFAULTS, **DATA_DEFAULTS}.items()))
+            *(record.get(k, v) for k, v in {**ESTIMATOR_DEFAULTS, **LR_DEFAULTS, **DATA_DEFAULTS, **RUN_DEFAULTS}.items()))
 
 
 def estimator_label(record: dict) -> str:
@@ -87,10 +117,17 @@ def estimator_label(record: dict) -> str:
     parts = []
     if record["arm"].startswith("ist"):
         parts = [f"{k}={record.get(k, v)}" for k, v in ESTIMATOR_DEFAULTS.items() if record.get(k, v) != v]
-        if parts:
+        if parts or record["importance_lr"] != 10.0:
             parts.append(f"mu={record['importance_lr']:g}")
     if record["arm"] != "lora" and record.get("lr_follows_rate"):
         parts.append("rate-lr")
+    return " " + ",".join(parts) if parts else ""
+
+
+def config_label(record: dict, varying: set[str]) -> str:
+    """The options in ``varying`` (those the table's runs differ in), e.g. " batch=8,eval_size=128"."""
+    values = {**DATA_DEFAULTS, **RUN_DEFAULTS, **record}
+    parts = [f"{k}={values[k]:g}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in CONFIG_KEYS if k in varying]
     return " " + ",".join(parts) if parts else ""
 
 
@@ -144,7 +181,8 @@ def run_all(args: argparse.Namespace) -> None:
                           "probe_interval": args.probe_interval, "importance_lr": args.importance_lr,
                           "probe_layers": args.probe_layers, "reward": args.reward,
                           "lr_follows_rate": args.lr_follows_rate and arm != "lora",
-                          "max_prompt_tokens": args.max_prompt_tokens, "eval_size": args.eval_size}
+                          "max_prompt_tokens": args.max_prompt_tokens, "eval_size": args.eval_size,
+                          "active_layers": args.active_layers}
                 if run_key(record) in done:
                     continue
                 config = RunConfig(arm, steps=budgets[-1], batch_size=args.batch, lr=args.lr, sparse_lr_scale=scale,
@@ -189,9 +227,10 @@ def summarize(args: argparse.Namespace) -> None:
     records = [r for r in read_records(Path(args.out)) if r["setting"] == args.setting and r["model"] == args.model]
     if not records:
         sys.exit(f"no runs of setting {args.setting!r} ({args.model}) in {args.out}")
+    varying = {k for k in CONFIG_KEYS if len({({**DATA_DEFAULTS, **RUN_DEFAULTS, **r})[k] for r in records}) > 1}
     groups: dict[tuple[str, float], list[dict]] = {}
-    for r in records:  # an IST arm with other estimator options is a group of its own
-        groups.setdefault((r["arm"] + estimator_label(r), r["sparse_lr_scale"]), []).append(r)
+    for r in records:  # an IST arm with other estimator options, or runs with another batch, lr, ..., are groups of their own
+        groups.setdefault((r["arm"] + estimator_label(r) + config_label(r, varying), r["sparse_lr_scale"]), []).append(r)
     budgets = sorted({int(s) for r in records for s in r["val"]})
     def values(key: str) -> str:  # every value in the runs, not the first run's
         return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted({r[key] for r in records}))
@@ -201,15 +240,18 @@ def summarize(args: argparse.Namespace) -> None:
           "accuracy in %, mean +- sd over seeds")
     head = f"{'arm':16s} {'seeds':>5s} " + " ".join(f"{'val@' + str(b):>13s}" for b in budgets)
     print(head + f" {'test (last)':>13s} {'val loss':>9s} {'s/step':>7s} {'probe-free':>10s} {'peak MiB':>8s}")
-    lora_val = {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in groups.get(("lora", 1.0), []))
-                for b in budgets} if ("lora", 1.0) in groups else {}
+    def mean_val(runs: list[dict]) -> dict[int, float]:
+        return {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in runs if str(b) in r["val"])
+                for b in budgets if any(str(b) in r["val"] for r in runs)}
+
+    lora_val = {arm: mean_val(runs) for (arm, _), runs in groups.items() if arm.split(" ")[0] == "lora"}
     rows = {}
     def order(kv):
         arm = kv[0][0].split(" ")[0]
         return (ARMS.index(arm) if arm in ARMS else 9, kv[0][1], kv[0][0])
 
     for (arm, scale), runs in sorted(groups.items(), key=order):
-        name = arm if arm == "lora" else f"{arm} lr x{scale:g}"
+        name = arm if arm.split(" ")[0] == "lora" else f"{arm} lr x{scale:g}"
         cells = [mean_sd([r["val"][str(b)]["accuracy"] for r in runs if str(b) in r["val"]]) for b in budgets]
         steps = [s for r in runs for s in r["step_seconds"]]
         plain = [s for r in runs for s, p in zip(r["step_seconds"], r["probe_step"]) if not p]
@@ -219,14 +261,15 @@ def summarize(args: argparse.Namespace) -> None:
         print(f"{name:16s} {len(runs):5d} " + " ".join(f"{c:>13s}" for c in cells)
               + f" {mean_sd([r['test']['accuracy'] for r in runs]):>13s} {val_loss:9.3f} {statistics.median(steps):7.2f}"
               + f" {statistics.median(plain) if plain else float('nan'):10.2f} {max(peaks) / 2**20 if peaks else 0:8.0f}")
-        rows[name] = {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in runs) for b in budgets}
+        rows[name] = ("lora" + config_label(runs[0], varying), mean_val(runs))
     if lora_val:
         print("\nfirst budget from which an arm's mean val accuracy stays within 1 point of LoRA-all's (or above):")
-        for name, accs in rows.items():
-            if name == "lora":
+        for name, (reference, accs) in rows.items():
+            if name.split(" ")[0] == "lora" or reference not in lora_val:
                 continue
-            within = [b for i, b in enumerate(budgets) if all(accs[c] >= lora_val[c] - 0.01 for c in budgets[i:])]
-            print(f"  {name:16s} {within[0] if within else 'none of ' + str(budgets)}")
+            shared = [b for b in budgets if b in accs and b in lora_val[reference]]
+            within = [b for i, b in enumerate(shared) if all(accs[c] >= lora_val[reference][c] - 0.01 for c in shared[i:])]
+            print(f"  {name:16s} {within[0] if within else 'none of ' + str(shared)}")
     importance_report(groups)
     plot_quality(groups, Path(args.out).with_suffix(""), args.setting + ("" if args.model == "smollm2" else f"_{args.model}"))
 
@@ -264,7 +307,7 @@ def plot_quality(groups: dict[tuple[str, float], list[dict]], stem: Path, settin
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (arm, scale), runs in sorted(groups.items()):
-        name = arm if arm == "lora" else f"{arm} lr x{scale:g}"
+        name = arm if arm.split(" ")[0] == "lora" else f"{arm} lr x{scale:g}"
         budgets = sorted(int(b) for b in runs[0]["val"])
         accs = [[r["val"][str(b)]["accuracy"] * 100 for r in runs] for b in budgets]
         means = [statistics.fmean(a) for a in accs]
@@ -285,16 +328,17 @@ def plot_quality(groups: dict[tuple[str, float], list[dict]], stem: Path, settin
     print(f"\nwrote {path}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="sst2", choices=sorted(SETTINGS))
-    parser.add_argument("--arms", default="lora,ist,ist-paper,random", type=lambda s: [check_arm(a) for a in s.split(",")])
+    parser.add_argument("--arms", type=lambda s: [check_arm(a) for a in s.split(",")],
+                        help="comma-separated: lora, ist, ist-paper, random (default: the setting's study)")
     parser.add_argument("--policy", help="add an arm that runs ISTAdamW(policy=NAME), e.g. cka, gradnorm")
-    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--budgets", default="60,120,240", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--sparse-lr-scales", default="1,4", type=lambda s: [float(x) for x in s.split(",")])
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--sparse-lr-scales", type=lambda s: [float(x) for x in s.split(",")])
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int)
     parser.add_argument("--active-layers", type=float, default=0.25)
     parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--importance-lr", type=float, default=10.0)
@@ -304,8 +348,8 @@ def main() -> None:
     parser.add_argument("--lr-follows-rate", action="store_true",
                         help="sparse arms: each layer's lr is lr x min(sparse lr scale, steps so far / steps it trained), "
                              "so a layer trained more often than active_layers gets less than the scaled lr")
-    parser.add_argument("--eval-size", type=int, default=256)
-    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--eval-size", type=int)
+    parser.add_argument("--max-prompt-tokens", type=int)
     parser.add_argument("--model", default="smollm2", choices=MODELS,
                         help="smollm2 (causal LM); minilm (MiniLM-L6 + classification head: sst2, weekday); "
                              "tiny, tiny-bert (config-built, for smoke tests)")
@@ -313,7 +357,13 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(SHARED_DATA))
     parser.add_argument("--out", default=str(HERE / "results" / "quality.jsonl"))
     parser.add_argument("--summary", action="store_true", help="print the tables of the runs in --out and plot")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    fill_study_defaults(args)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.summary:
         summarize(args)
     else:

@@ -73,6 +73,61 @@ def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     assert len(results.read_text().splitlines()) == len(records)
 
 
+def test_quality_benchmark_defaults_are_each_settings_study():
+    """A bare ``--setting X`` runs the study the README reports for X; a flag overrides its part only."""
+    quality = _bench_module("quality")
+    commonsense = quality.parse_args(["--setting", "commonsense"])
+    assert (commonsense.batch, commonsense.max_prompt_tokens, commonsense.eval_size) == (8, 96, 128)
+    assert (commonsense.budgets, commonsense.sparse_lr_scales) == ([60], [4.0])
+    assert (commonsense.arms, commonsense.seeds) == (["lora", "ist", "random"], [0, 1, 2])
+    overridden = quality.parse_args(["--setting", "commonsense", "--batch", "4", "--arms", "ist-paper"])
+    assert (overridden.batch, overridden.arms, overridden.eval_size) == (4, ["ist-paper"], 128)
+    assert quality.parse_args(["--setting", "sst2", "--model", "minilm"]).budgets == [60, 120, 240, 480]
+    assert quality.parse_args(["--setting", "sst2"]).budgets == [30, 60]
+    weekday = quality.parse_args(["--setting", "weekday"])
+    assert (weekday.budgets, weekday.sparse_lr_scales, weekday.batch) == ([20, 40, 80], [1.0, 4.0], 16)
+    tiny = quality.parse_args(["--setting", "commonsense", "--model", "tiny"])  # no study of its own
+    assert (tiny.batch, tiny.eval_size, tiny.budgets) == (16, 256, [60, 120, 240])
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_quality_summary_keeps_runs_with_other_options_apart(tmp_path, capsys):
+    """Runs that differ in batch (or active_layers, ...) are rows of their own, each held against LoRA-all's of its batch."""
+    pytest.importorskip("matplotlib")
+    quality = _bench_module("quality")
+    out = tmp_path / "q.jsonl"
+
+    def record(arm: str, seed: int, batch: int, accuracy: float, **extra) -> dict:
+        return {"setting": "weekday", "model": "tiny", "arm": arm, "seed": seed, "lr": 5e-4, "steps": 4, "batch": batch,
+                "sparse_lr_scale": 1.0 if arm == "lora" else 4.0, "probe_interval": 2, "importance_lr": 10.0,
+                "val": {"4": {"accuracy": accuracy, "loss": 1.0}}, "test": {"accuracy": accuracy},
+                "step_seconds": [1.0], "probe_step": [False], "peak_bytes": 2**20, "importance": [],
+                "layer_counts": [1, 1], **extra}
+
+    records = [record("lora", s, 16, 0.80) for s in (0, 1)] + [record("random", s, 16, 0.795) for s in (0, 1)]
+    records += [record("lora", s, 8, 0.60) for s in (0, 1)] + [record("random", s, 8, 0.40) for s in (0, 1)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    quality.summarize(quality.parse_args(["--model", "tiny", "--setting", "weekday", "--out", str(out)]))
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    # one row per (arm, batch), 2 seeds each, not pooled: a pooled LoRA row would read 70.0 +- 11.5
+    assert "lora batch=16 2 80.0 +- 0.0 80.0 +- 0.0" in "\n".join(lines)
+    assert "lora batch=8 2 60.0 +- 0.0 60.0 +- 0.0" in "\n".join(lines)
+    assert "random batch=16 lr x4 2 79.5 +- 0.0 79.5 +- 0.0" in "\n".join(lines)
+    # each held against LoRA-all at its own batch: within 1 point at 16, far behind at 8
+    assert "random batch=16 lr x4 4" in lines and "random batch=8 lr x4 none of [4]" in lines
+    # active_layers is part of a run's identity: a 0.5 run is not skipped as done by a 0.25 one
+    base = record("ist", 0, 16, 0.5)
+    assert quality.run_key(base) == quality.run_key({**base, "active_layers": 0.25})
+    assert quality.run_key(base) != quality.run_key({**base, "active_layers": 0.5})
+
+
 def test_step_split_smoke():
     out = run("step_split.py", "--model", "tiny", "--rounds", "4", "--warmup", "1", "--probe-interval", "2")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["lora"], ["ist"])}
