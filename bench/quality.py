@@ -256,8 +256,8 @@ def summarize(args: argparse.Namespace) -> None:
         steps = [s for r in runs for s in r["step_seconds"]]
         plain = [s for r in runs for s, p in zip(r["step_seconds"], r["probe_step"]) if not p]
         peaks = [r["peak_bytes"] for r in runs if r.get("peak_bytes")]
-        last = str(budgets[-1])
-        val_loss = statistics.fmean(r["val"][last]["loss"] for r in runs)
+        last = str(max(int(b) for r in runs for b in r["val"]))  # this group's longest budget (runs may differ in steps)
+        val_loss = statistics.fmean(r["val"][last]["loss"] for r in runs if last in r["val"])
         print(f"{name:16s} {len(runs):5d} " + " ".join(f"{c:>13s}" for c in cells)
               + f" {mean_sd([r['test']['accuracy'] for r in runs]):>13s} {val_loss:9.3f} {statistics.median(steps):7.2f}"
               + f" {statistics.median(plain) if plain else float('nan'):10.2f} {max(peaks) / 2**20 if peaks else 0:8.0f}")

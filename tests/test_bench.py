@@ -113,15 +113,19 @@ def test_quality_summary_keeps_runs_with_other_options_apart(tmp_path, capsys):
 
     records = [record("lora", s, 16, 0.80) for s in (0, 1)] + [record("random", s, 16, 0.795) for s in (0, 1)]
     records += [record("lora", s, 8, 0.60) for s in (0, 1)] + [record("random", s, 8, 0.40) for s in (0, 1)]
+    longer = record("ist", 0, 16, 0.9, steps=8)  # another budget: its own row, no cell at budget 4
+    longer["val"] = {"8": {"accuracy": 0.9, "loss": 0.5}}
+    records.append(longer)
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     quality.summarize(quality.parse_args(["--model", "tiny", "--setting", "weekday", "--out", str(out)]))
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
-    # one row per (arm, batch), 2 seeds each, not pooled: a pooled LoRA row would read 70.0 +- 11.5
-    assert "lora batch=16 2 80.0 +- 0.0 80.0 +- 0.0" in "\n".join(lines)
-    assert "lora batch=8 2 60.0 +- 0.0 60.0 +- 0.0" in "\n".join(lines)
-    assert "random batch=16 lr x4 2 79.5 +- 0.0 79.5 +- 0.0" in "\n".join(lines)
+    # one row per (arm, steps, batch), not pooled (a pooled LoRA row would read 70.0 +- 11.5)
+    assert "lora steps=4,batch=16 2 80.0 +- 0.0 - 80.0 +- 0.0" in "\n".join(lines)
+    assert "lora steps=4,batch=8 2 60.0 +- 0.0 - 60.0 +- 0.0" in "\n".join(lines)
+    assert "random steps=4,batch=16 lr x4 2 79.5 +- 0.0 - 79.5 +- 0.0" in "\n".join(lines)
+    assert "ist steps=8,batch=16 lr x4 1 - 90.0 +- 0.0 90.0 +- 0.0 0.500" in "\n".join(lines)
     # each held against LoRA-all at its own batch: within 1 point at 16, far behind at 8
-    assert "random batch=16 lr x4 4" in lines and "random batch=8 lr x4 none of [4]" in lines
+    assert "random steps=4,batch=16 lr x4 4" in lines and "random steps=4,batch=8 lr x4 none of [4]" in lines
     # active_layers is part of a run's identity: a 0.5 run is not skipped as done by a 0.25 one
     base = record("ist", 0, 16, 0.5)
     assert quality.run_key(base) == quality.run_key({**base, "active_layers": 0.25})
