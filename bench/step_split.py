@@ -9,8 +9,14 @@ runs the probe round, so the probe time is the median of probe steps'
 ``opt.step()`` minus that of the other steps, and it is amortised over
 ``probe_interval``. Medians after ``--warmup`` rounds.
 
-    python bench/step_split.py                      # 128 tokens, batch 8
-    python bench/step_split.py --seq 512 --batch 4
+``--model gpt2`` is the [Memory] setting of ``memory.py`` / ``step_time.py``
+(GPT-2-small config, random init, LoRA r=32 with dropout 0.05 on
+c_attn/c_proj/c_fc, 1024 tokens, batch 1): 12 layers, 3 trained per step, so
+the backward cut skips a larger share of the blocks than on SmolLM2's 30.
+
+    python bench/step_split.py                      # SmolLM2, 128 tokens, batch 8
+    python bench/step_split.py --seq 512 --batch 2
+    python bench/step_split.py --model gpt2         # 1024 tokens, batch 1
 """
 
 from __future__ import annotations
@@ -36,17 +42,30 @@ def timed(fn) -> tuple[object, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, help="default: 128 (1024 for gpt2)")
+    parser.add_argument("--batch", type=int, help="default: 8 (1 for gpt2)")
     parser.add_argument("--rounds", type=int, default=30, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--probe-interval", type=int, default=10)
     parser.add_argument("--active-layers", type=float, default=0.25)
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "gpt2", "tiny"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    args.seq = args.seq or (1024 if args.model == "gpt2" else 128)
+    args.batch = args.batch or (1 if args.model == "gpt2" else 8)
 
-    if args.model == "tiny":
+    lora_targets = "+".join(LORA_TARGETS)
+    if args.model == "gpt2":
+        from memory import build_base, setup
+
+        base, _ = build_base("gpt2")
+        vocab = base.config.vocab_size
+        state = base.state_dict()
+        settings = argparse.Namespace(model="gpt2", rank=32, dtype="fp32", device=args.device, checkpointing=False)
+        lora, ist_model = (setup("lora", state, settings)[0] for _ in range(2))  # r=32, dropout 0.05, as memory.py
+        del base, state
+        lora_targets = "c_attn+c_proj+c_fc, r=32"
+    elif args.model == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
@@ -58,14 +77,14 @@ def main() -> None:
 
         base, tokenizer = load_smollm2()
         vocab = tokenizer.vocab_size
-    base = base.to(args.device)
+    if args.model != "gpt2":
+        base = base.to(args.device)
+        lora, ist_model = add_lora(base, 8, seed=0), add_lora(base, 8, seed=0)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device) for _ in range(4)]
 
     arms = {}
-    lora = add_lora(base, 8, seed=0)
     arms["lora"] = (lora, torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0))
-    ist_model = add_lora(base, 8, seed=0)
     arms["ist"] = (ist_model, ISTAdamW(ist_model, lr=1e-4, active_layers=args.active_layers,
                                       probe_interval=args.probe_interval, seed=0))
     times: dict[str, dict[str, list[float]]] = {a: {"forward": [], "backward": [], "step": [], "probe_step": []} for a in arms}
@@ -83,7 +102,7 @@ def main() -> None:
                 times[arm]["backward"].append(backward)
                 times[arm]["probe_step" if probe else "step"].append(step)
 
-    print(conditions(model=args.model, seq=args.seq, batch=args.batch, lora_targets="+".join(LORA_TARGETS),
+    print(conditions(model=args.model, seq=args.seq, batch=args.batch, lora_targets=lora_targets,
                      active_layers=args.active_layers, probe_interval=args.probe_interval, rounds=args.rounds))
     print(f"{'arm':6s} {'forward':>8s} {'backward':>8s} {'optim':>8s} {'probe/round':>11s} {'amortised':>9s} {'total':>8s} {'vs lora':>7s}")
     totals = {}

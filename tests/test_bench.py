@@ -132,8 +132,9 @@ def test_quality_summary_keeps_runs_with_other_options_apart(tmp_path, capsys):
     assert quality.run_key(base) != quality.run_key({**base, "active_layers": 0.5})
 
 
-def test_step_split_smoke():
-    out = run("step_split.py", "--model", "tiny", "--rounds", "4", "--warmup", "1", "--probe-interval", "2")
+@pytest.mark.parametrize("model", ["tiny", "gpt2"])
+def test_step_split_smoke(model):
+    out = run("step_split.py", "--model", model, "--seq", "16", "--rounds", "4", "--warmup", "1", "--probe-interval", "2")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["lora"], ["ist"])}
     assert set(rows) == {"lora", "ist"}
     assert float(rows["ist"][3]) > 0 and float(rows["lora"][3]) == 0  # only IST has probe rounds
