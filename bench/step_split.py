@@ -87,7 +87,8 @@ def main() -> None:
     arms["lora"] = (lora, torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0))
     arms["ist"] = (ist_model, ISTAdamW(ist_model, lr=1e-4, active_layers=args.active_layers,
                                       probe_interval=args.probe_interval, seed=0))
-    times: dict[str, dict[str, list[float]]] = {a: {"forward": [], "backward": [], "step": [], "probe_step": []} for a in arms}
+    times: dict[str, dict[str, list[float]]] = {a: {"forward": [], "backward": [], "step": [], "probe_step": [], "whole": []}
+                                                 for a in arms}
     total_rounds = args.warmup + args.rounds
     for round_ in range(total_rounds):
         for arm, (model, opt) in arms.items():
@@ -101,6 +102,8 @@ def main() -> None:
                 times[arm]["forward"].append(forward)
                 times[arm]["backward"].append(backward)
                 times[arm]["probe_step" if probe else "step"].append(step)
+                if not probe:
+                    times[arm]["whole"].append(forward + backward + step)
 
     print(conditions(model=args.model, seq=args.seq, batch=args.batch, lora_targets=lora_targets,
                      active_layers=args.active_layers, probe_interval=args.probe_interval, rounds=args.rounds))
@@ -115,6 +118,16 @@ def main() -> None:
               f"{totals[arm] / totals.get('lora', totals[arm]):7.2f}")
     print("seconds, medians; probe/round: one probe round (its opt.step() minus an ordinary one); amortised: "
           f"over probe_interval={args.probe_interval}")
+    # The sum of per-part medians is not the median step when the parts vary together (IST's forward and
+    # backward both shrink when the lowest selected layer is high): the median whole step, for comparison.
+    whole = {arm: statistics.median(parts["whole"]) for arm, parts in times.items()}
+    amortised = {arm: totals[arm] - sum(statistics.median(times[arm][k]) for k in ("forward", "backward", "step"))
+                 for arm in times}
+    print("median whole step without a probe round: " + ", ".join(
+        f"{arm} {whole[arm]:.3f} s ({whole[arm] / whole['lora']:.2f}x)" for arm in whole)
+          + "; plus the amortised probes: " + ", ".join(
+        f"{arm} {whole[arm] + amortised[arm]:.3f} s ({(whole[arm] + amortised[arm]) / whole['lora']:.2f}x)"
+        for arm in whole))
 
 
 if __name__ == "__main__":
