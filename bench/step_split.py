@@ -118,8 +118,8 @@ def main() -> None:
               f"{totals[arm] / totals.get('lora', totals[arm]):7.2f}")
     print("seconds, medians; probe/round: one probe round (its opt.step() minus an ordinary one); amortised: "
           f"over probe_interval={args.probe_interval}")
-    # The sum of per-part medians is not the median step when the parts vary together (IST's forward and
-    # backward both shrink when the lowest selected layer is high): the median whole step, for comparison.
+    # The sum of per-part medians need not be the median step (IST's parts vary from step to step with
+    # the lowest selected layer): the median whole step, for comparison.
     whole = {arm: statistics.median(parts["whole"]) for arm, parts in times.items()}
     amortised = {arm: totals[arm] - sum(statistics.median(times[arm][k]) for k in ("forward", "backward", "step"))
                  for arm in times}

@@ -73,6 +73,15 @@ def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     assert len(results.read_text().splitlines()) == len(records)
 
 
+def _bench_module(name: str):
+    """Import a bench/ script as a module (its own imports resolve in bench/)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
 def test_quality_benchmark_defaults_are_each_settings_study():
     """A bare ``--setting X`` runs the study the README reports for X; a flag overrides its part only."""
     quality = _bench_module("quality")
@@ -88,14 +97,6 @@ def test_quality_benchmark_defaults_are_each_settings_study():
     assert (weekday.budgets, weekday.sparse_lr_scales, weekday.batch) == ([20, 40, 80], [1.0, 4.0], 16)
     tiny = quality.parse_args(["--setting", "commonsense", "--model", "tiny"])  # no study of its own
     assert (tiny.batch, tiny.eval_size, tiny.budgets) == (16, 256, [60, 120, 240])
-
-
-def _bench_module(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
 
 
 def test_quality_summary_keeps_runs_with_other_options_apart(tmp_path, capsys):
