@@ -81,9 +81,9 @@ CLASSIFIERS = ("minilm", "tiny-bert")  # an encoder with a classification head; 
 
 # Estimator options added later: records written before them ran with these values.
 ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
-LR_DEFAULTS = {"lr_follows_rate": False}
-DATA_DEFAULTS = {"max_prompt_tokens": 128, "eval_size": 256}  # what every run before they were recorded used
-RUN_DEFAULTS = {"active_layers": 0.25}
+DATA_DEFAULTS = {"max_prompt_tokens": 128, "eval_size": 256}
+# Every option recorded only by later runs, with the value the runs before it ran with.
+LATER_DEFAULTS = {**ESTIMATOR_DEFAULTS, "lr_follows_rate": False, **DATA_DEFAULTS, "active_layers": 0.25}
 # Options a table row is labelled with when the runs of a setting differ in them (otherwise runs would pool).
 CONFIG_KEYS = ("lr", "steps", "batch", "probe_interval", "active_layers", "max_prompt_tokens", "eval_size")
 
@@ -106,10 +106,16 @@ def fill_study_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
+def with_defaults(record: dict) -> dict:
+    """``record`` with the options it predates filled in (``LATER_DEFAULTS``)."""
+    return {**LATER_DEFAULTS, **record}
+
+
 def run_key(record: dict) -> tuple:
+    record = with_defaults(record)
     return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
             record["steps"], record["batch"], record["probe_interval"], record["importance_lr"],
-            *(record.get(k, v) for k, v in {**ESTIMATOR_DEFAULTS, **LR_DEFAULTS, **DATA_DEFAULTS, **RUN_DEFAULTS}.items()))
+            *(record[k] for k in LATER_DEFAULTS))
 
 
 def estimator_label(record: dict) -> str:
@@ -126,7 +132,7 @@ def estimator_label(record: dict) -> str:
 
 def config_label(record: dict, varying: set[str]) -> str:
     """The options in ``varying`` (those the table's runs differ in), e.g. " batch=8,eval_size=128"."""
-    values = {**DATA_DEFAULTS, **RUN_DEFAULTS, **record}
+    values = with_defaults(record)
     parts = [f"{k}={values[k]:g}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in CONFIG_KEYS if k in varying]
     return " " + ",".join(parts) if parts else ""
 
@@ -235,7 +241,7 @@ def summarize(args: argparse.Namespace) -> None:
     records = [r for r in read_records(Path(args.out)) if r["setting"] == args.setting and r["model"] == args.model]
     if not records:
         sys.exit(f"no runs of setting {args.setting!r} ({args.model}) in {args.out}")
-    varying = {k for k in CONFIG_KEYS if len({({**DATA_DEFAULTS, **RUN_DEFAULTS, **r})[k] for r in records}) > 1}
+    varying = {k for k in CONFIG_KEYS if len({with_defaults(r)[k] for r in records}) > 1}
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:  # an IST arm with other estimator options, or runs with another batch, lr, ..., are groups of their own
         groups.setdefault((r["arm"] + estimator_label(r) + config_label(r, varying), r["sparse_lr_scale"]), []).append(r)
