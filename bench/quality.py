@@ -52,6 +52,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -142,6 +143,15 @@ def rounded(values: list[float], digits: int) -> list[float]:
     passed 1 MiB. Step times keep 6 (far below their noise), losses 9 (runs are compared at rel 1e-6);
     importance stays exact (its means are printed)."""
     return [float(f"{v:.{digits}g}") for v in values]
+
+
+def baselines(examples: list) -> tuple[float, float]:
+    """Accuracy of guessing uniformly, and of the best constant answer per answer format (chosen on ``examples``)."""
+    by_choices: dict[tuple[str, ...], Counter] = {}
+    for ex in examples:
+        by_choices.setdefault(ex.choices, Counter())[ex.answer] += 1
+    guess = statistics.fmean(1 / len(ex.choices) for ex in examples)
+    return guess, sum(max(c.values()) for c in by_choices.values()) / len(examples)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -252,6 +262,12 @@ def summarize(args: argparse.Namespace) -> None:
     print(f"setting {args.setting}, {records[0]['model']}: lr {values('lr')}, batch {values('batch')}, "
           f"probe_interval {values('probe_interval')}, importance_lr {values('importance_lr')}; "
           "accuracy in %, mean +- sd over seeds")
+    sizes = {with_defaults(r)["eval_size"] for r in records}
+    if len(sizes) == 1:
+        task = load_setting(args.setting, Path(args.data_root), sizes.pop())
+        (val_guess, val_const), (test_guess, test_const) = baselines(task.val), baselines(task.test)
+        print(f"without training: guessing {100 * val_guess:.1f}% val / {100 * test_guess:.1f}% test; the best constant "
+              f"answer per format {100 * val_const:.1f}% val / {100 * test_const:.1f}% test")
     head = f"{'arm':16s} {'seeds':>5s} " + " ".join(f"{'val@' + str(b):>13s}" for b in budgets)
     print(head + f" {'test (last)':>13s} {'val loss':>9s} {'s/step':>7s} {'probe-free':>10s} {'peak MiB':>8s}")
     def mean_val(runs: list[dict]) -> dict[int, float]:

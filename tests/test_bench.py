@@ -68,6 +68,7 @@ def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     ist = next(r for r in records if r["arm"] == "ist")
     assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
     assert "first budget from which" in out and "agreement across seeds" in out
+    assert "guessing 14.3% val / 14.3% test" in out  # 7 day names
     assert (tmp_path / "quality_weekday_tiny.png").stat().st_size > 0  # plots of models other than smollm2 are named
     run("quality.py", *args)  # resumed: every run is already there
     assert len(results.read_text().splitlines()) == len(records)
