@@ -91,9 +91,10 @@ class IST(Optimizer):
             ``probe_layers=1``); see :mod:`ist_optim.scheduler`.
         probe_mode: ``"sequential"`` (default) or ``"batched"``; see
             :mod:`ist_optim.probes`.
-        kernels: ``"auto"`` (default: Triton for peft LoRA ``Linear`` adapters
-            on CUDA, torch otherwise), ``"triton"`` or ``"torch"``, for the
-            probe passes; see :mod:`ist_optim.kernels`.
+        kernels: for the probe passes: ``"auto"`` (default: the torch path everywhere, until the
+            Triton kernels have passed ``bench/gpu_check.py`` on a real GPU), ``"triton"`` (the fused
+            in-place kernel for peft LoRA ``Linear`` adapters on CUDA) or ``"torch"``; see
+            :mod:`ist_optim.kernels`.
         loss_fn: ``loss_fn(output, *args, **kwargs) -> scalar`` for probes,
             called with the model output and the captured forward inputs, plus
             as keywords what :meth:`set_loss_inputs` registered for the step
@@ -104,8 +105,8 @@ class IST(Optimizer):
             (the layers then are no modules: no backward cut, no selective checkpointing).
         state_policy: ``"keep"``, ``"offload"`` or ``"drop"`` the optimizer state
             of layers not being trained (see :mod:`ist_optim.eviction`);
-            ``"auto"`` (default) offloads when the parameters are on CUDA and
-            keeps otherwise (on a CPU host memory is device memory).
+            ``"auto"`` (default) keeps, on CPU (host memory is device memory) and on CUDA
+            too until offloading has passed ``bench/gpu_check.py`` on a real GPU.
         backward_cut: stop backward at the lowest selected block (exact, see
             :mod:`ist_optim.hooks`); default ``None`` = on unless ``layer_of`` is used.
         checkpoint_unselected: recompute unselected blocks above the lowest
@@ -280,7 +281,8 @@ class IST(Optimizer):
         # GradScaler hands grad_scale/found_inf to optimizers that unscale in their step (fused AdamW).
         self._step_supports_amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
         if state_policy == "auto":
-            state_policy = "offload" if any(p.is_cuda for p in optimizer_params) else "keep"
+            # "keep" on CUDA too: offload's copies have never run on a GPU (bench/gpu_check.py checks them)
+            state_policy = "keep"
         self.options = dict(
             active_layers=active_layers,
             probe_layers=probe_layers,
@@ -599,6 +601,7 @@ class IST(Optimizer):
         # The base class keeps only defaults/state/param_groups; a wrapper needs all of itself,
         # less what others patched onto the instance (an LR scheduler's step wrapper refers to
         # this very object and cannot be pickled).
+        self.evictor.synchronize()  # pinned host state may still be filling (deepcopy, pickle read it now)
         state = dict(self.__dict__)
         state.pop("step", None)
         return state
