@@ -4,8 +4,9 @@ peft computes ``result + lora_B(lora_A(dropout(x))) * scaling``: the rank-r
 up projection, the scaling and the add each make a pass over the
 ``(tokens, out_features)`` output. Here the base output is computed as usual
 and ``scaling * beta[group] * (h @ B.T)`` is added to it by
-``ist_optim.kernels`` (Triton on CUDA), so the adapter term never exists as
-a separate tensor.
+``ist_optim.kernels`` (the Triton kernel where chosen), so the adapter term
+never exists as a separate tensor. ``scaling`` goes to the kernel as a Python
+float: no per-module tensor and no host-to-device copy in the forward.
 
 * :func:`lora_forward` the forward itself, given how to expand;
 * :func:`fuse_lora` opt-in for training: patches every vanilla LoRA ``Linear``
@@ -31,8 +32,8 @@ from torch import nn
 
 __all__ = ["is_vanilla_lora", "is_fusable", "lora_forward", "fuse_lora", "FusedLoraHandle", "patch_forward"]
 
-# expand(flat_base (M, N), h (M, r), B (N, r), scale (G,)) -> (M, N)
-Expand = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# expand(flat_base (M, N), h (M, r), B (N, r), alpha, group_scale (G,) on the device or None) -> (M, N)
+Expand = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
 
 
 def is_vanilla_lora(module: nn.Module) -> bool:
@@ -98,14 +99,22 @@ def patch_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[]
     return undo
 
 
-def lora_forward(module: nn.Module, x: torch.Tensor, expand: Expand, group_scale: torch.Tensor | None = None):
+def lora_forward(
+    module: nn.Module,
+    x: torch.Tensor,
+    expand: Expand,
+    factor: float = 1.0,
+    group_scale: Callable[[torch.device], torch.Tensor] | None = None,
+):
     """``base_layer(x)`` plus each active adapter's term, added by ``expand``.
 
     Args:
         module: a vanilla peft LoRA ``Linear`` (not merged, adapters enabled).
         x: ``(..., in_features)``.
-        expand: adds ``scale[group] * (h @ B.T)`` to the flat base output.
-        group_scale: ``(G,)`` extra factor per row group (probe betas); ``None`` = 1.
+        expand: adds ``alpha * group_scale[group] * (h @ B.T)`` to the flat base output.
+        factor: multiplies ``scaling`` (a sequential probe's beta); a float.
+        group_scale: ``device -> (G,)`` factors per row group on that device (batched probes'
+            betas, built once per probe pass and device by the caller); ``None`` = 1.
     """
     result = module.base_layer(x)
     flat = result.reshape(-1, result.shape[-1])  # (M, N), rows grouped by candidate
@@ -114,10 +123,8 @@ def lora_forward(module: nn.Module, x: torch.Tensor, expand: Expand, group_scale
             continue
         lora_a = module.lora_A[name]
         h = lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype))).reshape(flat.shape[0], -1)  # (M, r)
-        scale = torch.tensor([float(module.scaling[name])], dtype=torch.float64)
-        if group_scale is not None:
-            scale = group_scale.double() * scale
-        flat = expand(flat, h, module.lora_B[name].weight, scale.float().to(flat.device))
+        groups = group_scale(flat.device) if group_scale is not None else None
+        flat = expand(flat, h, module.lora_B[name].weight, float(module.scaling[name]) * factor, groups)
     return flat.view(result.shape)
 
 
@@ -134,11 +141,14 @@ class FusedLoraHandle:
         self.modules, self._undos = [], []
 
 
-def fuse_lora(model: nn.Module) -> FusedLoraHandle:
+def fuse_lora(model: nn.Module, *, kernels: str = "auto") -> FusedLoraHandle:
     """Route every vanilla peft LoRA ``Linear`` of ``model`` through the fused, autograd-aware op.
 
-    Opt-in, for training and inference alike (Triton on CUDA, the torch
-    reference elsewhere). Merged layers, disabled adapters, DoRA, ``lora_bias``
+    Opt-in, for training and inference alike. ``kernels``: ``"triton"`` runs
+    the fused Triton kernel (CUDA, or the interpreter on CPU); ``"auto"``
+    (default) and ``"torch"`` run its torch reference, on CUDA too, until the
+    kernel has passed ``bench/gpu_check.py`` on a real GPU (see
+    :mod:`ist_optim.kernels`). Merged layers, disabled adapters, DoRA, ``lora_bias``
     and non-``Linear`` LoRA layers keep peft's forward (checked again at every
     call: the active adapters may change). So do layers whose forward is
     already patched on the instance (accelerate's device hooks, a user's
@@ -148,7 +158,17 @@ def fuse_lora(model: nn.Module) -> FusedLoraHandle:
         a handle; ``handle.remove()`` restores the forwards found (peft's, or
         an instance-level patch that was there before).
     """
+    from .kernels import _pick, triton_available
     from .kernels.ops import lora_expand_op
+
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"Invalid kernels: {kernels!r} (expected 'auto', 'triton' or 'torch')")
+    if kernels == "triton" and not triton_available():
+        raise ValueError("fuse_lora(kernels='triton') needs Triton installed (pip install triton)")
+
+    def expand(flat, h, lora_b, alpha, groups):
+        # decided per call: the module's device may change (model.to(...)) after fuse_lora
+        return lora_expand_op(flat, h, lora_b, alpha, _pick(kernels, flat) == "triton")
 
     patched, undos, kept = [], [], 0
     for module in model.modules():
@@ -162,7 +182,7 @@ def fuse_lora(model: nn.Module) -> FusedLoraHandle:
         def forward(x: torch.Tensor, *args: Any, _module=module, _original=original, **kwargs: Any) -> torch.Tensor:
             if args or kwargs or not _runs_fused(_module):
                 return _original(x, *args, **kwargs)
-            return lora_forward(_module, x, lora_expand_op)
+            return lora_forward(_module, x, expand)
 
         undos.append(patch_forward(module, forward))
         patched.append(module)

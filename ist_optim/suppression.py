@@ -93,12 +93,44 @@ def find_adapter_modules(model: nn.Module, layer_params: Sequence[Sequence[torch
     return adapters
 
 
-def _row_scale(beta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+class _Betas:
+    """Batched probes' ``(G, L)`` betas, copied to each device and dtype once per :func:`suppress`.
+
+    The adapters' pre-hooks and kernels ask for their layer's column on their
+    own device; building it per module per forward would be one host-to-device
+    copy each (hundreds per forward on a large model).
+    """
+
+    def __init__(self, beta: torch.Tensor):
+        self.beta = beta  # (G, L) float64 on the host
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._copies:
+            self._copies[key] = self.beta.to(device=device, dtype=dtype)
+        return self._copies[key]
+
+
+class _Column:
+    """One layer's per-group betas ``(G,)``, materialised on the device that asks."""
+
+    def __init__(self, betas: _Betas, layer: int):
+        self.betas, self.layer = betas, layer
+
+    def numel(self) -> int:
+        return self.betas.beta.shape[0]
+
+    def on(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.betas.on(device, dtype)[:, self.layer]
+
+
+def _row_scale(beta: _Column, like: torch.Tensor) -> torch.Tensor:
     """Expand per-group betas ``(G,)`` to a broadcastable ``(rows, 1, ..., 1)`` for ``like``.
 
     Rows are dim 0 and grouped contiguously (group ``g`` owns rows
     ``[g * rows/G, (g+1) * rows/G)``), which also holds when a model flattens
-    ``(batch, seq)`` into one leading dim.
+    ``(batch, seq)`` into one leading dim. Device ops only: no host copy, no sync.
     """
     rows, groups = like.shape[0], beta.numel()
     if rows % groups:
@@ -106,7 +138,7 @@ def _row_scale(beta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             f"batched probes: an adapter saw {rows} rows on dim 0, not a multiple of the {groups} candidates; "
             "the batch must be on dim 0 (use probe_mode='sequential' otherwise)"
         )
-    scale = beta.to(device=like.device, dtype=like.dtype).repeat_interleave(rows // groups)
+    scale = beta.on(like.device, like.dtype)[:, None].expand(groups, rows // groups).reshape(rows)
     return scale.view(rows, *([1] * (like.dim() - 1)))
 
 
@@ -118,7 +150,7 @@ def _check_not_merged(module: nn.Module) -> None:
 
 
 def _scale_for_forwards(
-    module: nn.Module, beta: float | torch.Tensor, apply: Callable[[Any], None], restore: Undo
+    module: nn.Module, beta: float | _Column, apply: Callable[[Any], None], restore: Undo
 ) -> Undo:
     """``apply(beta)`` for the duration; per-row betas around each forward, as the row count is in the input.
 
@@ -145,7 +177,7 @@ def _scale_for_forwards(
     return undo
 
 
-def _scale_lora_scaling(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+def _scale_lora_scaling(module: nn.Module, beta: float | _Column) -> Undo:
     """Multiply peft LoRA's ``scaling`` by beta for the duration; exact since the term is linear in it."""
     original = dict(module.scaling)
 
@@ -156,7 +188,7 @@ def _scale_lora_scaling(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     return _scale_for_forwards(module, beta, apply, lambda: module.scaling.update(original))
 
 
-def _scale_output_delta(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+def _scale_output_delta(module: nn.Module, beta: float | _Column) -> Undo:
     """Generic: ``base + beta * (out - base)`` with ``base = base_layer(x)`` recomputed."""
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -180,7 +212,7 @@ class BlockResidual:
         self.block = block
 
 
-def _scale_block_residual(holder: BlockResidual, beta: float | torch.Tensor) -> Undo:
+def _scale_block_residual(holder: BlockResidual, beta: float | _Column) -> Undo:
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden, _ = _hidden_state(args, kwargs)
         out = output[0] if isinstance(output, tuple) else output
@@ -197,22 +229,22 @@ def _scale_block_residual(holder: BlockResidual, beta: float | torch.Tensor) -> 
     return holder.block.register_forward_hook(hook, with_kwargs=True).remove
 
 
-def _fused_lora_probe(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+def _fused_lora_probe(module: nn.Module, beta: float | _Column) -> Undo:
     """Vanilla LoRA ``Linear`` on the Triton path: the beta-scaled term is added in place by one kernel."""
     from .kernels import lora_expand
 
-    groups = torch.tensor([beta], dtype=torch.float64) if isinstance(beta, float) else beta
-
-    def expand_in_place(flat, h, lora_b, scale):
-        return lora_expand(flat, h, lora_b, scale, out=flat, backend="triton")
+    def expand_in_place(flat, h, lora_b, alpha, groups):
+        return lora_expand(flat, h, lora_b, groups, alpha=alpha, out=flat, backend="triton")
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return lora_forward(module, x, expand_in_place, groups)
+        if isinstance(beta, float):  # sequential: beta goes in with scaling, by value
+            return lora_forward(module, x, expand_in_place, factor=beta)
+        return lora_forward(module, x, expand_in_place, group_scale=beta.on)
 
     return patch_forward(module, forward)
 
 
-def _scale_adapter_scale(module: nn.Module, beta: float | torch.Tensor) -> Undo:
+def _scale_adapter_scale(module: nn.Module, beta: float | _Column) -> Undo:
     """ist_optim's bottleneck adapters: multiply their ``scale`` by beta (the adapter term is linear in it)."""
     original = module.scale
 
@@ -225,7 +257,7 @@ def _scale_adapter_scale(module: nn.Module, beta: float | torch.Tensor) -> Undo:
     return _scale_for_forwards(module, beta, apply, restore)
 
 
-def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | torch.Tensor], Undo]:
+def _strategy(module: nn.Module, kernels: str) -> Callable[[nn.Module, float | _Column], Undo]:
     from .adapters import BottleneckAdapter
 
     if isinstance(module, BlockResidual):
@@ -277,13 +309,15 @@ def suppress(
     if beta.shape[1] != len(adapters):
         raise ValueError(f"beta has {beta.shape[1]} layers, expected {len(adapters)}")
     beta = beta.detach().to("cpu", torch.float64)
+    betas = _Betas(beta)
     undos: list[Undo] = []
+    columns = list(zip(*beta.tolist()))  # host numbers once, not an op per layer
     try:
         for layer, modules in enumerate(adapters):
-            column = beta[:, layer]
-            if bool((column == 1).all()):
+            column = columns[layer]
+            if all(b == 1 for b in column):
                 continue
-            factor: float | torch.Tensor = float(column[0]) if column.numel() == 1 else column
+            factor: float | _Column = float(column[0]) if len(column) == 1 else _Column(betas, layer)
             for module in modules:
                 _check_not_merged(module)
                 undos.append(_strategy(module, kernels)(module, factor))

@@ -21,20 +21,33 @@ def row_scale(scale: torch.Tensor, num_rows: int) -> torch.Tensor:
     return scale.float().repeat_interleave(num_rows // groups).view(num_rows, 1)
 
 
-def lora_expand_reference(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``base + scale[group] * (h @ B.T)``, accumulated in float32.
+def lora_expand_reference(
+    base: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """``base + alpha * scale[group] * (h @ B.T)``, accumulated in float32.
 
     Args:
         base: ``(M, N)`` the base layer's output.
         h: ``(M, r)`` the adapter's down projection ``x @ A.T``.
         lora_b: ``(N, r)`` the up projection weight ``B``.
-        scale: ``(G,)`` per-group factor ``s * beta``.
+        scale: ``(G,)`` per-group factor (probe betas), or ``None`` (one group of 1).
+        alpha: a factor for every row (LoRA's ``scaling``).
 
     Returns:
         ``(M, N)`` in ``base.dtype``.
     """
     delta = h.float() @ lora_b.float().T  # (M, N)
-    return (base.float() + delta * row_scale(scale, base.shape[0]).to(base.device)).to(base.dtype)
+    if scale is not None:
+        factor = row_scale(scale, base.shape[0]).to(base.device)
+        delta = delta * (factor * alpha if alpha != 1.0 else factor)
+    elif alpha != 1.0:
+        delta = delta * alpha
+    return (base.float() + delta).to(base.dtype)
 
 
 def lora_linear_reference(
@@ -43,13 +56,15 @@ def lora_linear_reference(
     bias: torch.Tensor | None,
     h: torch.Tensor,
     lora_b: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
-    """``x @ W0.T + bias + scale[group] * (h @ B.T)``, accumulated in float32.
+    """``x @ W0.T + bias + alpha * scale[group] * (h @ B.T)``, accumulated in float32.
 
     Args:
         x: ``(M, K)``; weight: ``(N, K)``; bias: ``(N,)`` or ``None``;
-        h: ``(M, r)``; lora_b: ``(N, r)``; scale: ``(G,)``.
+        h: ``(M, r)``; lora_b: ``(N, r)``; scale: ``(G,)`` or ``None``; alpha: as in the expand.
 
     Returns:
         ``(M, N)`` in ``x.dtype``.
@@ -57,4 +72,4 @@ def lora_linear_reference(
     base = x.float() @ weight.float().T  # (M, N), kept in float32 for the expand
     if bias is not None:
         base = base + bias.float()
-    return lora_expand_reference(base, h, lora_b, scale).to(x.dtype)
+    return lora_expand_reference(base, h, lora_b, scale, alpha=alpha).to(x.dtype)

@@ -11,14 +11,19 @@
    re-read either.
 
 ``scale`` is per row group (``G`` probe candidates stacked on dim 0, rows
-grouped contiguously). Interpreter mode (``TRITON_INTERPRET=1``, set before
-this module is imported) runs the kernels on CPU tensors; there it prunes
-autotuning to one config and upcasts bf16 before ``tl.dot``, which the
-interpreter gets wrong (DESIGN.md section 6).
+grouped contiguously); ``alpha`` (LoRA's ``scaling``) is a by-value factor
+for every row. Both kernels launch with a fixed tile configuration per shape
+bucket, never autotuned (the expand runs in place: tuning on its real
+arguments would add the term once per benchmark launch), on the inputs' own
+GPU, with one dtype into each ``tl.dot``. Interpreter mode
+(``TRITON_INTERPRET=1``, set before this module is imported) runs them on CPU
+tensors; there it uses small tiles and upcasts bf16 before ``tl.dot``, which
+the interpreter gets wrong (DESIGN.md section 6).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,24 +34,31 @@ __all__ = ["lora_expand", "lora_linear", "INTERPRETING"]
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-if INTERPRETING:  # autotuning needs a GPU; one small config keeps the interpreter quick
-    _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
-    _LINEAR_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
-else:
-    _EXPAND_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4), (32, 128, 4, 4)]
-    ]
-    _LINEAR_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 128, 64, 4, 4),
-            (128, 128, 32, 4, 4),
-            (256, 128, 64, 8, 3),
-        ]
-    ]
+
+def _expand_config(M: int, N: int) -> dict[str, int]:
+    """Tile sizes for the expand: a fixed choice per shape bucket, never autotuned.
+
+    The expand is memory-bound (one read of ``base``, one write of ``out``; the
+    rank-r product is a few FLOPs per element) and runs in place: autotuning it
+    on its real arguments would add the term once per benchmark launch
+    (issue 20), and a tuning key with ``M`` in it re-tunes at every new
+    sequence length. One compile per bucket instead.
+    """
+    if INTERPRETING:  # small tiles keep the interpreter quick and exercise the masks with several tiles
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    block_m = 64 if M >= 64 else max(16, triton.next_power_of_2(M))
+    block_n = 128 if N >= 128 else max(16, triton.next_power_of_2(N))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+
+
+def _linear_config(M: int, N: int, elem_size: int) -> dict[str, int]:
+    """Tile sizes for the one-GEMM linear: fixed per shape bucket (no tuning on the real arguments either)."""
+    if INTERPRETING:
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    block_m = 128 if M >= 128 else max(16, triton.next_power_of_2(M))
+    block_k = 64 if elem_size <= 2 else 32  # fp32 tiles: half the K per stage keeps shared memory in bounds
+    warps = 8 if block_m >= 128 else 4
+    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 3}
 
 
 @triton.jit
@@ -73,13 +85,12 @@ def _accumulate(
     return acc
 
 
-@triton.autotune(configs=_EXPAND_CONFIGS, key=["M", "N", "R"])
 @triton.jit
 def _lora_expand_kernel(
-    base_ptr, h_ptr, b_ptr, scale_ptr, out_ptr,
+    base_ptr, h_ptr, b_ptr, scale_ptr, out_ptr, alpha,
     M, N, R, rows_per_group,
     stride_base_m, stride_base_n, stride_h_m, stride_h_r, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -93,23 +104,26 @@ def _lora_expand_kernel(
     acc = _accumulate(acc, h_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
                       stride_h_m, stride_h_r, stride_b_n, stride_b_r, BLOCK_R, UPCAST, IEEE)  # h @ B.T
 
-    scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32)
     mask = row_ok[:, None] & col_ok[None, :]
     base = tl.load(base_ptr + rows[:, None] * stride_base_m + cols[None, :] * stride_base_n, mask=mask, other=0.0)
-    out = base.to(tl.float32) + acc * scale[:, None]
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32) * alpha
+        out = base.to(tl.float32) + acc * scale[:, None]
+    else:
+        out = base.to(tl.float32) + acc * alpha
     tl.store(out_ptr + rows[:, None] * stride_out_m + cols[None, :] * stride_out_n,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_LINEAR_CONFIGS, key=["M", "N", "K", "R"])
 @triton.jit
 def _lora_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, out_ptr, alpha,
     M, N, K, R, rows_per_group,
     stride_x_m, stride_x_k, stride_w_n, stride_w_k, stride_h_m, stride_h_r, stride_b_n, stride_b_r,
     stride_out_m, stride_out_n,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST_BASE: tl.constexpr, IEEE_BASE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -121,13 +135,16 @@ def _lora_linear_kernel(
     # the base GEMM over K, then the adapter's rank-r K, kept apart to scale it per row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K,
-                      stride_x_m, stride_x_k, stride_w_n, stride_w_k, BLOCK_K, UPCAST, IEEE)  # x @ W0.T
+                      stride_x_m, stride_x_k, stride_w_n, stride_w_k, BLOCK_K, UPCAST_BASE, IEEE_BASE)  # x @ W0.T
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     lora = _accumulate(lora, h_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
                        stride_h_m, stride_h_r, stride_b_n, stride_b_r, BLOCK_R, UPCAST, IEEE)  # h @ B.T
 
-    scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32)
-    out = acc + lora * scale[:, None]
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32) * alpha
+        out = acc + lora * scale[:, None]
+    else:
+        out = acc + lora * alpha
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out_m + cols[None, :] * stride_out_n,
@@ -139,48 +156,95 @@ def _block_r(rank: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rank)))
 
 
-def _group_scale(scale: torch.Tensor, num_rows: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Validate ``(G,)`` and return it as contiguous float32 on ``device``, with the rows per group."""
+def _group_scale(scale: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Validate ``(G,)`` on ``like``'s device; return it as contiguous float32 with the rows per group.
+
+    ``None`` (one factor ``alpha`` for every row) returns ``like`` as an unread placeholder pointer.
+    """
+    if scale is None:
+        return like, 1
     if scale.dim() != 1 or scale.numel() == 0:
         raise ValueError(f"scale must be a non-empty (G,) tensor, got shape {tuple(scale.shape)}")
+    num_rows = like.shape[0]
     if num_rows % scale.numel():
         raise ValueError(f"{num_rows} rows do not split into {scale.numel()} equal groups")
-    return scale.to(device=device, dtype=torch.float32).contiguous(), max(1, num_rows // scale.numel())
+    if scale.device != like.device:  # a host tensor here would be a blocking copy at every launch
+        raise ValueError(
+            f"scale is on {scale.device}, the other inputs on {like.device}: build it on their device once "
+            "(or pass a single factor as alpha)"
+        )
+    return scale.to(torch.float32).contiguous(), max(1, num_rows // scale.numel())
 
 
-def _grid(M: int, N: int):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+def _same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"inputs must be on one device, got {listed}")
+    return first
 
 
-def _flags(dtype: torch.dtype) -> dict[str, bool]:
-    return {"UPCAST": INTERPRETING and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
+def _on_device(device: torch.device):
+    """Launch on ``device``'s GPU, not the current one (a model split over GPUs: ``device_map="auto"``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _dot_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, bool]]:
+    """One dtype into ``tl.dot``: both operands in their promoted dtype, and its precision flags.
+
+    fp32 adapters under bf16 autocast give a bf16 ``h`` and an fp32 ``B``; ``tl.dot`` of two dtypes does
+    not compile. Both become fp32 (small: ``(M, r)`` and ``(N, r)``) and the product runs in IEEE fp32,
+    as the reference computes it; bf16/fp16 pairs accumulate in fp32 on the tensor cores.
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    # the interpreter gets bf16 tl.dot wrong (DESIGN.md section 6): upcast there only
+    return a, b, {"UPCAST": INTERPRETING and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
+
+
+def _grid(M: int, N: int, config: dict[str, int]) -> tuple[int, int]:
+    return (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
 
 
 def lora_expand(
-    base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
+    base: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``base + scale[group] * (h @ B.T)``; ``out=base`` updates in place.
+    """``base + alpha * scale[group] * (h @ B.T)``; ``out=base`` updates in place.
 
     Args:
-        base: ``(M, N)``; h: ``(M, r)``; lora_b: ``(N, r)``; scale: ``(G,)``
-            with ``M % G == 0``; any strides.
+        base: ``(M, N)``; h: ``(M, r)``; lora_b: ``(N, r)``; any strides, one device.
+        scale: ``(G,)`` on that device with ``M % G == 0``, or ``None`` (every row ``alpha``).
+        alpha: a factor for every row (LoRA's ``scaling``), passed by value: no tensor, no copy.
         out: ``(M, N)`` destination (may be ``base``); a new tensor if ``None``.
     """
     M, N = base.shape
     R = h.shape[1]
     if h.shape[0] != M or lora_b.shape != (N, R):
         raise ValueError(f"shapes do not match: base {tuple(base.shape)}, h {tuple(h.shape)}, B {tuple(lora_b.shape)}")
-    scale, rows_per_group = _group_scale(scale, M, base.device)
+    device = _same_device({"base": base, "h": h, "lora_b": lora_b, "out": out})
+    scale_arg, rows_per_group = _group_scale(scale, base)
     if out is None:
-        out = torch.empty((M, N), device=base.device, dtype=base.dtype)
+        out = torch.empty((M, N), device=device, dtype=base.dtype)
+    elif out.shape != (M, N):
+        raise ValueError(f"out must have shape {(M, N)}, got {tuple(out.shape)}")
     if M == 0 or N == 0:
         return out
-    _lora_expand_kernel[_grid(M, N)](
-        base, h, lora_b, scale, out, M, N, R, rows_per_group,
-        base.stride(0), base.stride(1), h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
-        out.stride(0), out.stride(1),
-        BLOCK_R=_block_r(R), **_flags(base.dtype),
-    )
+    h, lora_b, flags = _dot_operands(h, lora_b)
+    config = _expand_config(M, N)
+    with _on_device(device):
+        _lora_expand_kernel[_grid(M, N, config)](
+            base, h, lora_b, scale_arg, out, float(alpha), M, N, R, rows_per_group,
+            base.stride(0), base.stride(1), h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
+            out.stride(0), out.stride(1),
+            HAS_SCALE=scale is not None, BLOCK_R=_block_r(R), **flags, **config,
+        )
     return out
 
 
@@ -190,13 +254,15 @@ def lora_linear(
     bias: torch.Tensor | None,
     h: torch.Tensor,
     lora_b: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
-    """``x @ W0.T + bias + scale[group] * (h @ B.T)`` in one kernel.
+    """``x @ W0.T + bias + alpha * scale[group] * (h @ B.T)`` in one kernel.
 
     Args:
-        x: ``(M, K)``; weight: ``(N, K)``; bias: ``(N,)`` or ``None``;
-        h: ``(M, r)`` (``x @ A.T``); lora_b: ``(N, r)``; scale: ``(G,)``.
+        x: ``(M, K)``; weight: ``(N, K)`` of ``x``'s dtype; bias: ``(N,)`` or ``None``;
+        h: ``(M, r)`` (``x @ A.T``); lora_b: ``(N, r)``; scale, alpha: as in :func:`lora_expand`.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -208,14 +274,23 @@ def lora_linear(
         )
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    scale, rows_per_group = _group_scale(scale, M, x.device)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if weight.dtype != x.dtype:  # casting W0 would copy the whole weight at every call
+        raise ValueError(f"x is {x.dtype} and W0 {weight.dtype}: the base GEMM takes one dtype")
+    device = _same_device({"x": x, "weight": weight, "bias": bias, "h": h, "lora_b": lora_b})
+    scale_arg, rows_per_group = _group_scale(scale, x)
+    out = torch.empty((M, N), device=device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
-    _lora_linear_kernel[_grid(M, N)](
-        x, weight, bias if bias is not None else x, h, lora_b, scale, out, M, N, K, R, rows_per_group,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
-        lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_R=_block_r(R), **_flags(x.dtype),
-    )
+    h, lora_b, flags = _dot_operands(h, lora_b)
+    base_flags = {"UPCAST_BASE": INTERPRETING and x.dtype == torch.bfloat16, "IEEE_BASE": x.dtype == torch.float32}
+    config = _linear_config(M, N, x.element_size())
+    with _on_device(device):
+        _lora_linear_kernel[_grid(M, N, config)](
+            x, weight, bias if bias is not None else x, h, lora_b, scale_arg, out, float(alpha),
+            M, N, K, R, rows_per_group,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+            lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_R=_block_r(R),
+            **base_flags, **flags, **config,
+        )
     return out
