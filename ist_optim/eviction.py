@@ -13,9 +13,21 @@
 
 When it happens: the selection for step ``t+1`` is drawn at the end of step
 ``t``; right then the layers leaving the selection are evicted and the ones
-entering it are restored. A layer selected in consecutive steps never moves,
-and a restore is issued a whole forward/backward before the state is used,
-so on CUDA the host-to-device copy overlaps with compute.
+entering it are restored. A layer selected in consecutive steps never moves.
+
+On CUDA the copies are issued on the current (compute) stream, non-blocking
+(pinned host buffers), so they are ordered with the optimizer step that reads
+or writes that state and the host does not wait for them. They do not overlap
+with compute: the stream runs them between the step and the next forward, so
+in full-layer mode a step with large state pays for its PCIe traffic. Host
+state is read only after :meth:`StateEvictor.synchronize` (``state_dict``,
+deepcopy and pickle call it; so must anyone reading ``opt.state`` directly),
+which waits on every device a copy was issued from. An evicted device tensor
+is marked used by the current stream (``record_stream``), so the caching
+allocator does not hand its memory out before its copy has run, whichever
+stream it was allocated on. No GPU has run this path yet (issue 20):
+``state_policy="auto"`` keeps the state until ``bench/gpu_check.py`` has shown
+offload equal to keep there.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ class StateEvictor:
         self.layer_params = layer_params
         self.policy = policy
         self.evicted: set[int] = set()
+        self.copy_devices: set[torch.device] = set()  # CUDA devices with non-blocking copies issued
 
     def apply(self, flags: Sequence[bool]) -> None:
         """Make the state of layers with ``flags[i]`` resident and evict the others."""
@@ -65,9 +78,10 @@ class StateEvictor:
         self.evicted.clear()
 
     def synchronize(self) -> None:
-        """Wait for non-blocking device-to-host copies before anyone reads host state."""
-        if self.policy == "offload" and self.evicted and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        """Wait for the non-blocking copies on every device they were issued from, before host state is read."""
+        if self.policy == "offload" and self.copy_devices and torch.cuda.is_available():
+            for device in sorted(self.copy_devices, key=str):
+                torch.cuda.synchronize(device)
 
     def _evict(self, layer: int) -> None:
         state = self.optimizer.state
@@ -81,6 +95,9 @@ class StateEvictor:
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor) and value.device == p.device and value.dim() > 0:
                     entry[key] = _to_host(value)
+                    if value.is_cuda:
+                        _mark_used_by_current_stream(value)
+                        self.copy_devices.add(value.device)
         self.evicted.add(layer)
 
     def _restore(self, layer: int) -> None:
@@ -93,6 +110,8 @@ class StateEvictor:
                 for key, value in entry.items():
                     if isinstance(value, torch.Tensor) and value.dim() > 0:
                         entry[key] = value.to(p.device, non_blocking=True)
+                        if entry[key].is_cuda:
+                            self.copy_devices.add(entry[key].device)
         self.evicted.discard(layer)
 
     def memory_report(self, params_with_grads: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -107,12 +126,12 @@ class StateEvictor:
             for value in entry.values():
                 if not isinstance(value, torch.Tensor):
                     continue
-                size = value.numel() * value.element_size()
+                size = _local_bytes(value)  # a DTensor's own shard under FSDP2, not its global size
                 if value.device == p.device and id(p) not in evicted_params:
                     device_bytes += size
                 else:
                     host_bytes += size
-        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params_with_grads if p.grad is not None)
+        grad_bytes = sum(_local_bytes(p.grad) for p in params_with_grads if p.grad is not None)
         return {
             "optimizer_state_device_bytes": device_bytes,
             "optimizer_state_host_bytes": host_bytes,
@@ -135,6 +154,17 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
     host.copy_(tensor, non_blocking=pinned)
     return host
+
+
+def _mark_used_by_current_stream(tensor: torch.Tensor) -> None:
+    """Keep ``tensor``'s memory from reuse until the work queued on the current stream (its copy) has run."""
+    local = tensor.to_local() if _is_dtensor(tensor) else tensor
+    local.record_stream(torch.cuda.current_stream(local.device))
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if _is_dtensor(tensor) else tensor
+    return local.numel() * local.element_size()
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -206,6 +206,12 @@ def _fsdp2_train(rank: int, state_policy: str) -> dict[str, Any]:
     report = opt.memory_report()
     assert report["backward_cuts"] > 0
     assert (report["optimizer_state_host_bytes"] > 0) == (state_policy == "offload")
+    # this rank's shards, not the DTensors' global sizes (world times as much)
+    values = [v for entry in opt.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    local = sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
+                for v in values)
+    assert local < sum(v.numel() * v.element_size() for v in values)  # sharded: the two differ
+    assert report["optimizer_state_device_bytes"] + report["optimizer_state_host_bytes"] == local
     return summary(model, opt, selections)
 
 
