@@ -9,10 +9,13 @@ Two questions, each on the same tensors in one run:
 * whole layer, ``x @ W0.T + s*beta * ((x @ A.T) @ B.T)``: ``addmm_``-based
   eager against the Triton adapter-in-GEMM kernel.
 
-On CUDA: tokens 1k/4k/16k, hidden 4096->4096 and 4096->11008, rank 8/32/64;
-median and 20/80 quantiles over repeats with L2 flushed; effective GB/s, %
-of peak bandwidth, TFLOP/s and speedup. Correctness is asserted on the exact
-benchmark tensors before timing.
+On CUDA, by default (a couple of minutes): 4096 tokens, hidden 4096->4096,
+rank 16 and 64 (``--tokens 1024 4096 16384 --out-features 4096 11008 --ranks
+8 32 64 --max-autotune`` for the full sweep); median and 20/80 quantiles over
+repeats with L2 flushed; effective GB/s, % of peak bandwidth, TFLOP/s and
+speedup. Correctness is asserted on the exact benchmark tensors before
+timing, including the library's own call (``out=base``, in place) and fp32
+adapters under bf16/fp16 (a bf16 ``h`` with an fp32 ``B``).
 
 Without CUDA it prints a banner, runs the correctness matrix in the Triton
 interpreter, prints the analytic bytes table, and exits non-zero on any
@@ -47,7 +50,8 @@ PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200"
 def expand_bytes(method: str, M: int, N: int, R: int, e: int) -> int:
     """Bytes moved by one expand step (each M x N tensor pass counted once)."""
     small = (M * R + N * R) * e
-    passes = {"naive eager": 6, "torch.addmm": 2, "addmm_ (in place)": 2, "compile": 2, "triton expand": 2}
+    passes = {"naive eager": 6, "torch.addmm": 2, "addmm_ (in place)": 2, "compile": 2, "triton expand": 2,
+              "triton in place": 2}
     return passes[method] * M * N * e + small
 
 
@@ -97,8 +101,14 @@ def correctness_matrix() -> bool:
             base, h, b, x, w, bias = rand(M, N), rand(M, R), rand(N, R), rand(M, K), rand(N, K), rand(N)
             scale = torch.linspace(0.25, 1.0, G, device=device)
             rtol, atol = TOLERANCE[dtype]
+            ref = lora_expand_reference(base, h, b, scale, alpha=0.5)
+            in_place = base.clone()
+            lora_expand(in_place, h, b, scale, alpha=0.5, out=in_place)  # the probes' own call
+            b32 = b.float()  # fp32 adapter B beside a low-precision h (autocast)
             for name, got, ref in [
                 ("expand", lora_expand(base, h, b, scale), lora_expand_reference(base, h, b, scale)),
+                ("inplace", in_place, ref),
+                ("mixed", lora_expand(base, h, b32, scale), lora_expand_reference(base, h, b32, scale)),
                 ("linear", lora_linear(x, w, bias, h, b, scale), lora_linear_reference(x, w, bias, h, b, scale)),
             ]:
                 err = (got.float() - ref.float()).abs().max().item()
@@ -136,7 +146,7 @@ def cuda_timings(args) -> bool:
         return base + torch.nn.functional.linear(h, b) * s
 
     compiled = torch.compile(naive)
-    compiled_max = torch.compile(naive, mode="max-autotune")
+    compiled_max = torch.compile(naive, mode="max-autotune") if args.max_autotune else None
     e = torch.tensor([], dtype=dtype).element_size()
     print(f"\nexpand step ({args.dtype}); GB/s from analytic bytes; speedup vs naive eager")
     print(f"{'tokens':>6s} {'N':>6s} {'r':>3s} {'method':22s} {'ms (p20-p80)':>22s} {'GB/s':>7s} {'%peak':>6s} "
@@ -159,12 +169,15 @@ def cuda_timings(args) -> bool:
                     "compile": lambda: compiled(base, h, b, s),
                     "compile max-autotune": lambda: compiled_max(base, h, b, s),
                     "triton expand": lambda: lora_expand(base, h, b, scale),
+                    "triton in place": lambda: lora_expand(work, h, b, scale, out=work),
                 }
+                if compiled_max is None:
+                    del methods["compile max-autotune"]
                 ref = lora_expand_reference(base, h, b, scale)
                 rtol, atol = TOLERANCE[dtype]
                 for method, fn in methods.items():
-                    if method == "addmm_ (in place)":
-                        continue  # it accumulates; checked through torch.addmm
+                    if method in ("addmm_ (in place)", "triton in place"):
+                        continue  # they accumulate; checked through torch.addmm and the matrix's in-place rows
                     good = torch.allclose(fn().float(), ref.float(), rtol=rtol, atol=atol)
                     ok &= good
                     if not good:
@@ -214,10 +227,11 @@ def cuda_timings(args) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
     parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--out-features", type=int, nargs="+", default=[4096, 11008])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--out-features", type=int, nargs="+", default=[4096])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--max-autotune", action="store_true", help="also time torch.compile max-autotune (slow)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--peak-gbps", type=float, help="peak DRAM bandwidth for %% of peak (default: by device name)")

@@ -17,7 +17,10 @@ section 6). "total" = weights + optimizer state resident at the step start +
 the step's peak of new allocations. The peak is split into gradients (bytes
 of .grad after backward) and "activations & temporaries" (the rest of the
 step's peak). Per-step numbers: the max and the mean over the measured steps
-(the first step of each method is warm-up and not counted).
+(the first step of each method is warm-up and not counted). IST's measured
+steps include its probe rounds (every 10 steps), which are part of training;
+with the default ``kernels="auto"`` they run torch ops, with no JIT compile or
+autotuning buffer in the window (the kernels are never autotuned).
 
     python bench/memory.py                                  # GPT-2-small config, seq 1024
     python bench/memory.py --model tinyllama --seq 256 --steps 6

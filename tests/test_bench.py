@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -186,3 +187,18 @@ def test_quality_benchmark_classifier_smoke(tmp_path):
     ist = next(r for r in records if r["arm"] == "ist")
     assert len(ist["importance"]) == 2 and len(ist["layer_counts"]) == 4  # the 4 encoder blocks are the layers
     assert "ist lr x4" in out and (tmp_path / "quality_weekday_tiny-bert.png").stat().st_size > 0
+
+
+def test_gpu_check_smoke_runs_every_check_without_cuda(tmp_path):
+    """The GPU check's CPU run (interpreter kernels, tiny sizes): every check runs and passes, JSON and table written."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU run the real thing: python bench/gpu_check.py")
+    output = run("gpu_check.py", "--quick", "--out", str(tmp_path))
+    assert "No CUDA device" in output
+    result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    sections = {row["section"] for row in result["checks"]}
+    assert sections == {"kernels", "autocast", "probes", "offload", "fuse_lora"}
+    assert [row for row in result["checks"] if row["status"] != "pass"] == []
+    assert len(result["checks"]) == 13
+    table = (tmp_path / "gpu_check_cpu.md").read_text()
+    assert "13 passed, 0 failed" in table and table.count("| pass |") == 13
