@@ -7,6 +7,22 @@ Everything IST does to a model goes through :class:`ModelHooks`, and
   layer is selected and off otherwise, re-applied before every forward of the
   model. Only parameters that were trainable when IST was built are ever
   touched, and :meth:`~ModelHooks.remove` restores the flags found then;
+* **the user's own flags**: a ``requires_grad_(False)`` (or ``requires_grad = False``)
+  by anyone but IST on one of those parameters freezes it: IST keeps it off at
+  every selection until someone sets it ``True`` again, and then schedules it
+  again. A ``True`` on a parameter that is not user-frozen changes nothing: that
+  it is trainable is the user's; *when* it trains (its layer is selected) is
+  IST's, so an unselected parameter set ``True`` is off again from the next
+  forward. To see a ``False`` written while IST itself has the parameter off
+  (its layer not selected), the writes are watched: plain ``nn.Parameter`` objects
+  get a subclass (same name, ``isinstance`` unchanged, pickles as
+  ``nn.Parameter``) whose ``requires_grad`` setter and ``requires_grad_``
+  report to the hooks; :meth:`~ModelHooks.remove` gives them their class back.
+  Other parameter types (e.g. FSDP2's ``DTensor`` parameters) are not
+  re-classed; for them a change is seen only where the flag differs from what
+  IST last set (a ``False`` on a selected parameter), so freeze those before
+  building IST or while their layer is selected. User-frozen parameters stay
+  frozen after :meth:`~ModelHooks.remove`;
 * **probe batch**: the inputs of the last training forward of the model
   (train mode, grad enabled) are kept for the probe passes, without
   arguments that only change how the caller scales the loss
@@ -56,6 +72,12 @@ from torch.utils.checkpoint import checkpoint
 from .layers import LayerMap
 
 __all__ = ["ModelHooks", "detach_existing_hooks"]
+
+# The C-level descriptor: IST's own writes go through it, so only others' writes are reported.
+_REQUIRES_GRAD = torch._C.TensorBase.requires_grad
+# parameter -> weakref of the ModelHooks that watches its requires_grad writes
+_WATCHERS: Any = torch.utils.weak.WeakIdKeyDictionary()
+_WATCHED_CLASSES: dict[type, type] = {}  # nn.Parameter -> its watched subclass (one, made once)
 
 # Keyword arguments that only tell the model how the caller scales its loss
 # (HF Trainer divides by the token count of the whole accumulated batch); the
@@ -159,6 +181,63 @@ def _storage_key(index: int, tensor: torch.Tensor) -> tuple:
     return index, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
 
 
+def _set_flag(p: torch.Tensor, value: bool) -> None:
+    """IST's own write of ``p.requires_grad`` (not reported as the user's)."""
+    _REQUIRES_GRAD.__set__(p, value)
+
+
+def _report_write(p: torch.Tensor, value: Any) -> None:
+    owner = _WATCHERS.get(p)
+    hooks = owner() if owner is not None else None
+    if hooks is not None:
+        hooks._user_set(p, bool(value))
+
+
+def _watched_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``requires_grad`` writes are reported to the watching hooks."""
+    watched = _WATCHED_CLASSES.get(cls)
+    if watched is None:
+
+        def get_requires_grad(self: torch.Tensor) -> bool:
+            return _REQUIRES_GRAD.__get__(self)
+
+        def set_requires_grad(self: torch.Tensor, value: bool) -> None:
+            _REQUIRES_GRAD.__set__(self, value)  # first: an invalid write raises and changes nothing
+            _report_write(self, value)
+
+        def requires_grad_(self: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+            result = cls.requires_grad_(self, requires_grad)
+            _report_write(self, requires_grad)
+            return result
+
+        namespace = {
+            "requires_grad": property(get_requires_grad, set_requires_grad),
+            "requires_grad_": requires_grad_,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "_ist_unwatched_class": cls,
+        }
+        watched = _WATCHED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return watched
+
+
+def _watch(p: torch.Tensor, hooks: ModelHooks) -> None:
+    _WATCHERS[p] = weakref.ref(hooks)
+    if type(p) is nn.Parameter:  # other types (DTensor parameters, quantized ones) keep their class
+        p.__class__ = _watched_class(nn.Parameter)
+
+
+def _unwatch(p: torch.Tensor, hooks: ModelHooks) -> None:
+    owner = _WATCHERS.get(p)
+    if owner is not None and owner() not in (hooks, None):
+        return  # another IST's hooks watch it now
+    _WATCHERS.pop(p, None)
+    base = type(p).__dict__.get("_ist_unwatched_class")
+    if base is not None:
+        p.__class__ = base
+
+
 def detach_existing_hooks(model: nn.Module) -> int:
     """Remove the hooks of any earlier IST found on ``model`` or its submodules; returns how many."""
     found: dict[int, ModelHooks] = {}
@@ -246,6 +325,13 @@ class ModelHooks:
         self._frozen = list(frozen or [])
         self._found_flags = [(p, p.requires_grad) for params in layer_map.params for p in params]
         self._found_flags += [(p, p.requires_grad) for p in self._frozen]
+        # The layers' parameters, flat; per parameter: the flag IST last left on it, and whether
+        # someone else froze it (then it stays off at every selection until someone turns it on).
+        self._managed = [p for params in layer_map.params for p in params]
+        self._ist_flags = [p.requires_grad for p in self._managed]
+        self._user_frozen = [False] * len(self._managed)
+        self._index: dict[int, int] = {}  # id(param) -> position in _managed
+        self._watch_params()
         self._flags: list[bool] = [False] * len(layer_map)
         self._selected_ids: set[int] = set()
         self._forwards: list[_Forward | None] = []  # one entry per model call in progress
@@ -274,6 +360,7 @@ class ModelHooks:
         """Serve ``owner`` (after the optimizer was deep-copied or unpickled with these hooks)."""
         self._owner = weakref.ref(owner)
         if not self.removed:
+            self._watch_params()
             self._apply_flags()
 
     def _is_stale(self) -> bool:
@@ -299,6 +386,7 @@ class ModelHooks:
             # model. Unattached, the hooks remove themselves at the copy's first forward (its hook
             # dicts are still being copied now).
             new._owner = None
+            new._index = {id(p): i for i, p in enumerate(new._managed)}
             new._restore_flags()
         return new
 
@@ -311,18 +399,51 @@ class ModelHooks:
         if not self.removed:
             self._apply_flags()
 
+    @property
+    def user_frozen(self) -> list[torch.Tensor]:
+        """The layers' parameters someone other than IST set to ``requires_grad=False`` (kept off until set on)."""
+        return [p for p, frozen in zip(self._managed, self._user_frozen) if frozen]
+
+    def _watch_params(self) -> None:
+        self._index = {id(p): i for i, p in enumerate(self._managed)}
+        for p in self._managed:
+            _watch(p, self)
+
+    def _user_set(self, p: torch.Tensor, value: bool) -> None:
+        """Someone other than IST wrote ``p.requires_grad = value`` (reported by the watched class)."""
+        i = self._index.get(id(p))
+        if i is not None and not self.removed and self._managed[i] is p:
+            self._user_frozen[i] = not value
+
     def _apply_flags(self) -> None:
+        i = 0
         for train, params in zip(self._flags, self.layer_map.params):
             for p in params:
-                if p.requires_grad != train:
-                    p.requires_grad_(train)
+                flag = p.requires_grad
+                if flag != self._ist_flags[i]:
+                    # Changed by someone else, also where the write was not watched (not a plain Parameter).
+                    self._user_frozen[i] = not flag
+                want = train and not self._user_frozen[i]
+                if flag != want:
+                    _set_flag(p, want)
+                self._ist_flags[i] = want
+                i += 1
         for p in self._frozen:
             if p.requires_grad:
-                p.requires_grad_(False)
+                _set_flag(p, False)
 
     def _restore_flags(self) -> None:
+        """The flags found at construction, except that a parameter the user froze since stays frozen."""
         for p, flag in self._found_flags:
-            p.requires_grad_(flag)
+            i = self._index.get(id(p))
+            if i is not None and self._managed[i] is p:
+                if p.requires_grad != self._ist_flags[i]:
+                    self._user_frozen[i] = not p.requires_grad  # a last unwatched change
+                flag = flag and not self._user_frozen[i]
+                self._ist_flags[i] = flag
+            _set_flag(p, flag)
+        for p in self._managed:
+            _unwatch(p, self)
 
     def _in_training_forward(self) -> _Forward | None:
         return self._forwards[-1] if self._forwards else None
@@ -342,7 +463,8 @@ class ModelHooks:
             return
         training = not self.probing and module.training and torch.is_grad_enabled()
         if not self.probing:
-            # Re-applied every forward: holds even if peft or the user reset requires_grad.
+            # Re-applied every forward: an unselected parameter someone turned on is off again; one
+            # someone turned off stays off (see the module docstring).
             self._apply_flags()
         if training:
             kwargs = {k: v for k, v in kwargs.items() if k not in CALLER_ONLY_KWARGS}
@@ -475,7 +597,10 @@ class ModelHooks:
 
     # ------------------------------------------------------------------ teardown
     def remove(self) -> None:
-        """Remove every hook and patched forward; restore the ``requires_grad`` flags found at construction."""
+        """Remove every hook and patched forward; restore the ``requires_grad`` flags found at construction.
+
+        A parameter the user froze meanwhile stays frozen; watched parameters get their own class back.
+        """
         if not self.removed:
             self._restore_flags()
         self.removed = True

@@ -451,3 +451,106 @@ def test_set_loss_inputs_errors():
     opt.set_loss_inputs(labels=batches[0][1])
     with pytest.raises(ValueError, match="also keyword arguments"):
         opt.step()
+
+
+# ---------------------------------------------------------------------------- the user's requires_grad
+def layer_of(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def test_freezing_and_unfreezing_mid_run_follows_the_plain_optimizer_bit_for_bit():
+    """Every layer active, probes off: a user's freeze (and unfreeze) does to IST what it does to AdamW."""
+    model = tiny_peft_llama(num_layers=4)
+    reference = copy.deepcopy(model)
+    opt = ISTAdamW(model, lr=1e-2, weight_decay=0.1, active_layers=1.0, num_probes=0)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ours, theirs = lora_params(model), lora_params(reference)
+    one = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"
+    block = "base_model.model.model.layers.2.mlp.up_proj"
+
+    def freeze(m, frozen):  # both ways users write it: the attribute and Module.requires_grad_
+        dict(m.named_parameters())[one].requires_grad = not frozen
+        m.get_submodule(block).requires_grad_(not frozen)
+
+    for step in range(9):
+        if step == 3:
+            freeze(model, True)
+            freeze(reference, True)
+        if step == 6:
+            freeze(model, False)
+            freeze(reference, False)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            m(**lm_batch(seed=step)).loss.backward()
+            o.step()
+            o.zero_grad()
+        assert flags(model) == flags(reference), step
+        for name, p in ours.items():
+            assert torch.equal(p, theirs[name]), (step, name)
+    moved = [name for name in ours if name == one or name.startswith(block + ".")]
+    assert len(moved) == 3 and all(not torch.equal(ours[n], lora_params(tiny_peft_llama(num_layers=4))[n]) for n in moved)
+
+
+def test_a_user_frozen_parameter_never_changes_under_sparse_selection():
+    """Frozen while its layer is not selected (IST had it off already), and while it is: never trained again."""
+    model = tiny_peft_llama(num_layers=4)
+    opt = ISTAdamW(model, lr=1e-2, weight_decay=0.1, active_layers=1, probe_interval=2)
+    params = lora_params(model)
+    unselected = next(i for i in range(4) if i not in opt.active_layers)
+    selected = opt.active_layers[0]
+    frozen = {n: p for n, p in params.items() if layer_of(n) == unselected and "q_proj" in n}
+    frozen |= {n: p for n, p in params.items() if layer_of(n) == selected and "v_proj.lora_B" in n}
+    assert not any(p.requires_grad for n, p in frozen.items() if layer_of(n) == unselected)
+    for p in frozen.values():
+        p.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in frozen.items()}
+    chosen = set()
+    for step in range(16):
+        chosen.update(opt.active_layers)
+        model(**lm_batch(seed=step)).loss.backward()
+        assert all(p.grad is None and not p.requires_grad for p in frozen.values()), step
+        opt.step()
+        opt.zero_grad()
+    assert {unselected, selected} <= chosen  # both layers trained meanwhile, their frozen parameters did not
+    assert opt.scheduler.num_updates == 8
+    for name, p in frozen.items():
+        assert torch.equal(p, before[name]), name
+    assert set(map(id, opt.hooks.user_frozen)) == set(map(id, frozen.values()))
+    for p in frozen.values():  # unfrozen: scheduled again, trained whenever its layer is selected
+        p.requires_grad = True
+    while not {unselected, selected} <= set(opt.active_layers) and opt.num_steps < 200:
+        model(**lm_batch(seed=opt.num_steps)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not opt.hooks.user_frozen
+    assert all(p.requires_grad == (layer_of(n) in opt.active_layers) for n, p in params.items())
+
+
+def test_a_freeze_the_watch_cannot_see_is_still_seen_on_a_selected_parameter():
+    """A write past the watched setter (C-level): seen because the flag differs from what IST last set."""
+    model = tiny_peft_llama(num_layers=4)
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1, num_probes=0)
+    name, p = next((n, p) for n, p in lora_params(model).items() if layer_of(n) == opt.active_layers[0])
+    torch._C.TensorBase.requires_grad.__set__(p, False)
+    before = p.detach().clone()
+    for step in range(8):
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not p.requires_grad and torch.equal(p, before), name
+
+
+def test_watched_parameters_stay_parameters_and_get_their_class_back():
+    model = tiny_peft_llama(num_layers=4)
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1, num_probes=0)
+    params = lora_params(model)
+    p = next(iter(params.values()))
+    assert isinstance(p, nn.Parameter) and type(p).__name__ == "Parameter" and type(p) is not nn.Parameter
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # pickles as plain parameters
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert all(type(q) is nn.Parameter for q in loaded.parameters())
+    p.requires_grad_(False)  # a user freeze survives remove_hooks; everything else is restored
+    opt.remove_hooks()
+    assert all(type(q) is nn.Parameter for q in model.parameters())
+    assert all(q.requires_grad == (q is not p) for q in params.values())
