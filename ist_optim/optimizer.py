@@ -24,6 +24,7 @@ How a step flows:
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -50,7 +51,7 @@ from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
-from .policies import CKALayers, GradNormLayers, LayerPolicy, PolicyContext, layer_grad_norms
+from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, PolicyContext, layer_grad_norms
 from .scheduler import REWARDS, ImportanceScheduler, as_int, check_seed
 from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules
 
@@ -250,6 +251,13 @@ class IST(Optimizer):
                 seed=seed,
                 reward=reward,
             )
+        if isinstance(optimizer, torch.optim.LBFGS) and not _trains_every_layer(self.scheduler, len(self.layer_map)):
+            raise ValueError(
+                "torch.optim.LBFGS keeps one flat curvature history over all its parameters and moves every "
+                "parameter along it each step, also those without a gradient, so it would update layers IST froze "
+                "for the step; IST wraps LBFGS only with every layer active (active_layers=1.0, or "
+                "FixedLayers(all layers)), where it steps exactly as plain LBFGS"
+            )
         self.probes_enabled = probes_enabled
         self.adapters = find_adapter_modules(model, self.layer_map.params)
         if self.probes_enabled:
@@ -280,6 +288,7 @@ class IST(Optimizer):
         self.model = model
         # GradScaler hands grad_scale/found_inf to optimizers that unscale in their step (fused AdamW).
         self._step_supports_amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
+        self._inner_takes_closure = _step_takes_closure(optimizer)
         if state_policy == "auto":
             # "keep" on CUDA too: offload's copies have never run on a GPU (bench/gpu_check.py checks them)
             state_policy = "keep"
@@ -369,6 +378,8 @@ class IST(Optimizer):
     def remove_hooks(self) -> None:
         """Remove every hook IST put on the model and restore the ``requires_grad`` flags it found.
 
+        Parameters the user froze since stay frozen (see :mod:`ist_optim.hooks`).
+
         The optimizer cannot step afterwards (build a plain one, or a new IST).
         """
         self.hooks.remove()
@@ -419,10 +430,16 @@ class IST(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step on the selected layers, then (every ``probe_interval``) an importance update.
 
-        ``closure`` is called once with grad enabled, as in torch (e.g.
-        ``zero_grad(); loss = model(...); loss.backward(); return loss``). The
-        probe passes never call it: they rerun the model on the inputs of its
-        last training forward (the closure's, here).
+        ``closure`` (e.g. ``zero_grad(); loss = model(...); loss.backward(); return loss``)
+        is handed to the wrapped optimizer's ``step``, which calls it with grad
+        enabled as often as it needs (once for most, several times for
+        ``torch.optim.LBFGS``); after every call the unselected layers' gradients are
+        dropped. Every call trains the same layers: the selection changes only
+        after the wrapped step. The probe passes run once per ``step()``, after the
+        wrapped step, and never call the closure: they rerun the model on the
+        inputs of its last training forward (the closure's last call, here). An
+        optimizer whose ``step()`` takes no argument gets the closure called once
+        by IST, before its step.
         """
         if self.hooks.removed:
             raise RuntimeError(
@@ -430,22 +447,23 @@ class IST(Optimizer):
                 "it no longer controls which layers train, so it cannot step"
             )
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        loss_inputs, self._loss_inputs = self._loss_inputs, {}  # this step's only: never a newer batch's
-        for train, params in zip(self._active_flags, self.layer_map.params):
-            if not train:
-                for p in params:
-                    p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
-        for p in self._frozen_outside:
-            p.grad = None  # outside_layers="freeze": even if someone turned requires_grad back on
-        if getattr(self.scheduler, "wants_gradient_norms", False):
-            # Before the update, as GRASS measures; under DDP the grads are already all-reduced.
-            self.scheduler.observe_gradients(layer_grad_norms(self.layer_map.params))
+        inner_closure = None
+        if closure is not None and self._inner_takes_closure:
+            inner_closure = self._closure_for_inner_step(closure)
+        else:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._drop_unselected_grads(observe=True)
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler when the step unscales itself
         with _forward_amp_scaling(self, self.optimizer), _global_step_hooks_suspended():
-            self.optimizer.step()  # the global step hooks fired once already, for this optimizer
+            # the global step hooks fired once already, for this optimizer
+            if inner_closure is None:
+                self.optimizer.step()
+            else:
+                loss = self.optimizer.step(inner_closure)
+        # this step's only: never a newer batch's (read after the closure, which may have set them)
+        loss_inputs, self._loss_inputs = self._loss_inputs, {}
         if found_inf is not None and bool(found_inf.sum() > 0):
             return loss  # the fused step skipped itself on inf/NaN gradients; so does the selection, as without fusion
         self.num_steps += 1
@@ -456,6 +474,31 @@ class IST(Optimizer):
         self._set_selection(self.scheduler.sample_active())
         self.distributed.after_step(self)  # every rank must now hold the same selection and importance
         return loss
+
+    def _drop_unselected_grads(self, observe: bool) -> None:
+        for train, params in zip(self._active_flags, self.layer_map.params):
+            if not train:
+                for p in params:
+                    p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
+        for p in self._frozen_outside:
+            p.grad = None  # outside_layers="freeze": even if someone turned requires_grad back on
+        if observe and getattr(self.scheduler, "wants_gradient_norms", False):
+            # Before the update, as GRASS measures; under DDP the grads are already all-reduced.
+            self.scheduler.observe_gradients(layer_grad_norms(self.layer_map.params))
+
+    def _closure_for_inner_step(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` for the wrapped step: grad on, and the unselected layers' grads dropped after each call."""
+        calls = 0
+
+        def inner_closure() -> Any:
+            nonlocal calls
+            with torch.enable_grad():
+                loss = closure()
+            self._drop_unselected_grads(observe=calls == 0)  # the first call's grads precede any update
+            calls += 1
+            return loss
+
+        return inner_closure
 
     def _update_importance(self, loss_inputs: dict[str, Any]) -> None:
         # Drawn before anything can be skipped: every rank of a distributed run consumes its
@@ -653,6 +696,25 @@ def _check_int(value: Any, name: str, need: str) -> int:
     if count is None or count < 0:
         raise ValueError(f"Invalid {name}: {value} (need {need})")
     return count
+
+
+def _trains_every_layer(scheduler: ImportanceScheduler | LayerPolicy, num_layers: int) -> bool:
+    """True when the selection is every layer at every step."""
+    if isinstance(scheduler, ImportanceScheduler):
+        return scheduler.num_active == num_layers
+    return isinstance(scheduler, FixedLayers) and scheduler.layers == list(range(num_layers))
+
+
+def _step_takes_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` accepts a closure argument (every ``torch.optim`` optimizer does)."""
+    try:
+        parameters = inspect.signature(optimizer.step).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) or p.name == "closure"
+        for p in parameters
+    )
 
 
 def _require_loss_field(output: Any) -> None:

@@ -376,3 +376,106 @@ def test_second_wrapper_on_the_same_model_replaces_the_first_with_a_warning():
         first.step()
     model(**lm_batch()).loss.backward()
     second.step()
+
+
+# ---------------------------------------------------------------------------- optimizers whose step needs the closure
+def lbfgs_closure(model, opt, batch, calls):
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_lbfgs_with_every_layer_active_equals_plain_lbfgs_bit_for_bit(line_search_fn):
+    """The closure reaches LBFGS, which calls it several times per step; probes run once per step, move nothing."""
+    model = tiny_peft_llama()
+    reference = copy.deepcopy(model)
+    kwargs = dict(lr=0.5, max_iter=4, history_size=3, line_search_fn=line_search_fn)
+    opt = IST(torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad], **kwargs), model,
+              active_layers=1.0, probe_interval=1)
+    ref_opt = torch.optim.LBFGS([p for p in reference.parameters() if p.requires_grad], **kwargs)
+    calls, ref_calls = [], []
+    for step in range(3):
+        loss = opt.step(lbfgs_closure(model, opt, lm_batch(seed=step), calls))
+        ref_loss = ref_opt.step(lbfgs_closure(reference, ref_opt, lm_batch(seed=step), ref_calls))
+        assert torch.equal(loss, ref_loss)
+        for (name, p), q in zip(lora_params(model).items(), lora_params(reference).values()):
+            assert torch.equal(p, q), (step, name)
+    assert len(calls) == len(ref_calls) > 3  # several forwards and backwards per step, the same ones
+    assert opt.num_steps == 3 and opt.scheduler.num_updates == 3
+
+
+def test_lbfgs_under_sparse_selection_is_refused_with_the_reason():
+    model = tiny_peft_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="LBFGS keeps one flat curvature history"):
+        IST(torch.optim.LBFGS(params), model, active_layers=0.5)
+    from ist_optim import FixedLayers
+
+    IST(torch.optim.LBFGS(params), model, policy=FixedLayers(range(4)), num_probes=0)  # every layer: accepted
+
+
+class TwoLookSGD(torch.optim.Optimizer):
+    """A SAM-like optimizer whose step needs the closure: two gradient evaluations, then the mean step, with decay.
+
+    Like every torch optimizer it steps the parameters that have a gradient (a zero one too: decay moves them).
+    """
+
+    def __init__(self, params, lr, weight_decay=0.5):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure):
+        with torch.enable_grad():
+            closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        first = {p: p.grad.clone() for p in params}
+        for p in params:
+            p.add_(first[p], alpha=-0.05)  # look ahead along the first gradient
+        with torch.enable_grad():
+            loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in first:
+                    p.add_(first[p], alpha=0.05)
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(first[p] + p.grad, alpha=-group["lr"] / 2)
+        return loss
+
+
+def test_a_closure_optimizer_under_sparse_selection_equals_it_on_the_layers_frozen_by_hand():
+    """Each closure call trains the step's layers only: the unselected get no gradient (None) and no update."""
+    from ist_optim import FixedLayers
+
+    model = tiny_peft_llama(num_layers=4)
+    reference = copy.deepcopy(model)
+    opt = IST(TwoLookSGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model,
+              policy=FixedLayers([1, 3]), num_probes=0)
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    for name, p in lora_params(reference).items():
+        p.requires_grad_(layer_of_name(name) in (1, 3))
+    ref_opt = TwoLookSGD(trainable, lr=0.1)
+    before = {n: p.detach().clone() for n, p in lora_params(model).items()}
+
+    def closure(m, o, batch):
+        def evaluate():
+            o.zero_grad(set_to_none=False)  # the stale grads of every layer become zeros, not None
+            loss = m(**batch).loss
+            loss.backward()
+            return loss
+
+        return evaluate
+
+    for step in range(3):
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt.step(closure(model, opt, lm_batch(seed=step)))
+        ref_opt.step(closure(reference, ref_opt, lm_batch(seed=step)))
+    for (name, p), q in zip(lora_params(model).items(), lora_params(reference).values()):
+        assert torch.equal(p, q), name
+        assert torch.equal(p, before[name]) == (layer_of_name(name) not in (1, 3)), name
