@@ -16,8 +16,8 @@ Everything IST does to a model goes through :class:`ModelHooks`, and
   forward. To see a ``False`` written while IST itself has the parameter off
   (its layer not selected), the writes are watched: plain ``nn.Parameter`` objects
   get a subclass (same name, ``isinstance`` unchanged, pickles as
-  ``nn.Parameter``) whose ``requires_grad`` setter and ``requires_grad_``
-  report to the hooks; :meth:`~ModelHooks.remove` gives them their class back.
+  ``nn.Parameter``) whose ``__setattr__`` and ``requires_grad_`` report to
+  the hooks (not a ``requires_grad`` property: torch.compile recurses into one); :meth:`~ModelHooks.remove` gives them their class back.
   Other parameter types (e.g. FSDP2's ``DTensor`` parameters) are not
   re-classed; for them a change is seen only where the flag differs from what
   IST last set (a ``False`` on a selected parameter), so freeze those before
@@ -198,20 +198,19 @@ def _watched_class(cls: type) -> type:
     watched = _WATCHED_CLASSES.get(cls)
     if watched is None:
 
-        def get_requires_grad(self: torch.Tensor) -> bool:
-            return _REQUIRES_GRAD.__get__(self)
-
-        def set_requires_grad(self: torch.Tensor, value: bool) -> None:
-            _REQUIRES_GRAD.__set__(self, value)  # first: an invalid write raises and changes nothing
-            _report_write(self, value)
-
         def requires_grad_(self: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
             result = cls.requires_grad_(self, requires_grad)
             _report_write(self, requires_grad)
             return result
 
+        def __setattr__(self: torch.Tensor, name: str, value: Any) -> None:  # noqa: N807
+            cls.__setattr__(self, name, value)  # first: an invalid write raises and changes nothing
+            if name == "requires_grad":
+                _report_write(self, value)
+
+        # No requires_grad property: torch.compile recurses into an overridden tensor descriptor.
         namespace = {
-            "requires_grad": property(get_requires_grad, set_requires_grad),
+            "__setattr__": __setattr__,
             "requires_grad_": requires_grad_,
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,

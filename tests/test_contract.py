@@ -554,3 +554,25 @@ def test_watched_parameters_stay_parameters_and_get_their_class_back():
     opt.remove_hooks()
     assert all(type(q) is nn.Parameter for q in model.parameters())
     assert all(q.requires_grad == (q is not p) for q in params.values())
+
+
+def test_torch_compile_trains_the_watched_parameters_like_eager():
+    """The requires_grad watch re-classes parameters: torch.compile must still trace them (a property did not)."""
+    from torch import nn
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        model = nn.Sequential(*blocks)
+        opt = ISTAdamW(model, lr=1e-2, layers=blocks, active_layers=2, num_probes=0, seed=0)
+        forward = torch.compile(model, backend="eager") if compiled else model
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            forward(torch.randn(4, 8, generator=gen)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert type(blocks[0].weight).__name__ == "Parameter" and type(blocks[0].weight) is not nn.Parameter
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, expected in zip(run(True), run(False)):
+        torch.testing.assert_close(got, expected)
