@@ -40,3 +40,27 @@ def test_example_runs(runs, script):
     rc, out = runs[script]
     assert rc == 0, out[-3000:]
     assert "loss" in out or "skipped" in out or "optimizer:" in out, out[-3000:]
+
+
+def _python_blocks_after_example_names(text):
+    """``(script, block)`` for every python block whose preceding paragraph names ``examples/<script>``."""
+    import re
+
+    for m in re.finditer(r"((?:.+\n){1,6})\n?```python\n([\s\S]*?)```", text):
+        names = re.findall(r"examples/(\w+\.py)", m.group(1))
+        if names:
+            yield names[-1], m.group(2)
+
+
+@pytest.mark.parametrize("doc", ["README.md"])
+def test_snippets_are_excerpts_of_the_examples(doc):
+    import textwrap
+
+    text = (EXAMPLES.parent / doc).read_text()
+    found = list(_python_blocks_after_example_names(text))
+    assert len(found) >= 5
+    for script, block in found:
+        lines = (EXAMPLES / script).read_text().splitlines()
+        want = block.rstrip("\n").splitlines()
+        windows = ("\n".join(lines[i : i + len(want)]) for i in range(len(lines) - len(want) + 1))
+        assert any(textwrap.dedent(w) == "\n".join(want) for w in windows), f"{doc}: snippet not in {script}:\n{block}"
