@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 def parse_args(description: str, steps: int = 6) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--smollm2", action="store_true", help="the pretrained SmolLM2-135M-Instruct instead of a tiny model")
+    parser.add_argument("--smollm2", action="store_true", help="pretrained SmolLM2-135M-Instruct, not a tiny model")
     parser.add_argument("--steps", type=int, default=steps)
     return parser.parse_args()
 

@@ -1,9 +1,9 @@
 """accelerate: build IST, then prepare(model, opt). One process here; under `accelerate launch` on several,
 find_unused_parameters=True is required (unselected layers get no gradient)."""
 
+from _tiny import base_model, batches, parse_args
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
-from _tiny import base_model, batches, parse_args
 from peft import LoraConfig, get_peft_model
 
 from ist_optim import ISTAdamW
@@ -18,6 +18,7 @@ model, opt = accelerator.prepare(model, opt)
 for batch in batches(args.steps, 256):
     loss = model(**batch).loss
     accelerator.backward(loss)
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
 # --8<-- [end:accelerate]
     accelerator.print(f"loss {loss.item():.3f}")

@@ -15,5 +15,6 @@ opt = IST(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, acti
 for batch in batches(args.steps, model.config.vocab_size):
     loss = model(**batch).loss
     loss.backward()
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     print(f"loss {loss.item():.3f}  trained layers {opt.active_layers}")

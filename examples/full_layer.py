@@ -14,6 +14,7 @@ opt = ISTAdamW(model, lr=1e-4, active_layers=0.25, state_policy="offload", outsi
 for batch in batches(args.steps, vocab):
     loss = model(**batch).loss
     loss.backward()
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     print(f"loss {loss.item():.3f}  trained blocks {opt.active_layers}")
 print(opt.memory_report())

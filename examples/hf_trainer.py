@@ -12,8 +12,10 @@ from transformers import Trainer, TrainingArguments
 from ist_optim import ISTAdamW
 
 args = parse_args(__doc__, steps=4)
-model = get_peft_model(base_model(args.smollm2), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-train_set = [{k: v[i] for k, v in b.items()} for b in batches(args.steps * 2, model.config.vocab_size) for i in range(4)]
+lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+model = get_peft_model(base_model(args.smollm2), lora)
+rows = batches(args.steps * 2, model.config.vocab_size)
+train_set = [{k: v[i] for k, v in b.items()} for b in rows for i in range(4)]
 
 with tempfile.TemporaryDirectory() as out:
     # --8<-- [start:trainer]

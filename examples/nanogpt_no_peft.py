@@ -38,9 +38,10 @@ model = GPT()
 add_adapters(model, ["up_proj", "down_proj"], "parallel", bottleneck=16)  # beside each match; freezes the rest
 opt = ISTAdamW(model, lr=2e-3, active_layers=0.25, layers=model.h, loss_fn=lm_loss, probe_interval=2)
 # --8<-- [end:adapters]
-for step in range(6):
+for _ in range(6):
     idx = torch.randint(0, 256, (4, 16))
     loss = lm_loss(model(idx), idx)
     loss.backward()
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     print(f"loss {loss.item():.3f}  trained layers {opt.active_layers}")

@@ -17,7 +17,9 @@ sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
 for batch in batches(args.steps, vocab):
     loss = model(**batch).loss
     loss.backward()                      # only this step's layers get gradients
-    opt.step(); sched.step(); opt.zero_grad()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
     print(f"loss {loss.item():.3f}  trained layers {opt.active_layers}")
 # --8<-- [end:loop]
 print("importance:", [round(v, 5) for v in opt.scheduler.importance.tolist()])
