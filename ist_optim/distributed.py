@@ -29,10 +29,11 @@ forward when a launcher (accelerate ``prepare``, HF ``Trainer``) wraps the
 model after IST was built: DDP without ``find_unused_parameters=True`` or
 with ``static_graph=True`` (the set of parameters with gradients changes
 every step), reentrant gradient checkpointing under DDP, FSDP1 (FSDP2's
-``fully_shard`` is supported). A model wrapped by DDP before IST was built
-may be passed as is: layers are discovered on the inner module (so layer
-names and checkpoints match a run without DDP) and the hooks go on the
-wrapper.
+``fully_shard`` is supported), DeepSpeed in any form (:func:`deepspeed_detected`;
+checked at the first training forward also in one process when DeepSpeed is
+installed). A model wrapped by DDP before IST was built may be passed as is:
+layers are discovered on the inner module (so layer names and checkpoints
+match a run without DDP) and the hooks go on the wrapper.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ from .hooks import ModelHooks, _uses_reentrant_checkpointing
 __all__ = [
     "DistributedSupport",
     "check_distributed_model",
+    "check_not_deepspeed",
     "consistency_check_enabled",
+    "deepspeed_detected",
     "is_distributed",
     "reduce_probe_losses",
     "shared_seed",
@@ -132,6 +135,98 @@ def _check_fsdp1(module: nn.Module) -> None:
     )
 
 
+DEEPSPEED_REFUSAL = (
+    "IST cannot train under DeepSpeed: {why}. IST freezes and unfreezes the adapters of whole layers every "
+    "step and evicts the optimizer state of the layers it leaves out, parameter by parameter; DeepSpeed ZeRO "
+    "partitions parameters, gradients and optimizer state into flat buffers built once, when it initialises, "
+    "and replaces the optimizer (transformers' deepspeed_init drops one passed with Trainer(optimizers=...) "
+    "and trains with its own, so IST would take no step). Use DDP instead (torchrun or accelerate launch "
+    "without DeepSpeed; HF Trainer: TrainingArguments(ddp_find_unused_parameters=True)), or FSDP2: shard "
+    "with torch.distributed.fsdp.fully_shard (each block, then the root) before building IST"
+)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _accelerate_shared_state(partial: bool = False) -> dict[str, Any]:
+    """accelerate's ``AcceleratorState`` attributes if an ``Accelerator`` exists in this process, else ``{}``.
+
+    ``partial``: else ``PartialState``'s (``TrainingArguments`` creates one, with ``distributed_type ==
+    DEEPSPEED`` under ``deepspeed=``, before any ``Accelerator`` exists). Read without importing accelerate
+    or instantiating a state: each is a shared-state singleton whose attributes live in one class-level dict.
+    """
+    module = sys.modules.get("accelerate.state")
+    for name in ("AcceleratorState", "PartialState") if partial else ("AcceleratorState",):
+        shared = getattr(getattr(module, name, None), "_shared_state", None)
+        if isinstance(shared, dict) and shared:
+            return shared
+    return {}
+
+
+def _called_by_deepspeed() -> bool:
+    """A DeepSpeed engine's frame is on the call stack (only module names are read, never frame locals)."""
+    if "deepspeed" not in sys.modules:
+        return False
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith("deepspeed.runtime"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def deepspeed_detected(model: nn.Module | None = None, *, in_forward: bool = False) -> str | None:
+    """Where DeepSpeed is seen, in words, or ``None``.
+
+    Looked for: a DeepSpeed module around or inside ``model`` (``DeepSpeedEngine``), parameters partitioned
+    by ZeRO-3 (their ``ds_id``), accelerate's DeepSpeed plugin (``AcceleratorState().distributed_type ==
+    DEEPSPEED``, what HF ``Trainer.is_deepspeed_enabled`` reads; before an ``Accelerator`` exists,
+    ``PartialState``'s, which ``TrainingArguments(deepspeed=...)`` sets), or, before either exists,
+    ``ACCELERATE_USE_DEEPSPEED`` (set by ``TrainingArguments(deepspeed=...)`` and ``accelerate launch
+    --use_deepspeed``; accelerate's state, once it exists, wins: with ``use_cpu=True`` it ignores the
+    variable). ``in_forward``: also a DeepSpeed engine calling the model right now (read from the stack).
+    """
+    if model is not None:
+        for module in model.modules():
+            if type(module).__module__.split(".")[0] == "deepspeed":
+                return f"the model is wrapped by DeepSpeed ({type(module).__name__})"
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            return "the model's parameters are partitioned by DeepSpeed ZeRO-3"
+    shared = _accelerate_shared_state(partial=True)
+    if shared:
+        kind = shared.get("distributed_type")
+        if getattr(kind, "value", kind) == "DEEPSPEED" or shared.get("deepspeed_plugins") is not None:
+            return "accelerate runs DeepSpeed (HF Trainer: TrainingArguments(deepspeed=...))"
+    elif _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "ACCELERATE_USE_DEEPSPEED is set (TrainingArguments(deepspeed=...) or accelerate launch --use_deepspeed)"
+    if in_forward and _called_by_deepspeed():
+        return "a DeepSpeed engine is calling the model"
+    return None
+
+
+def check_not_deepspeed(model: nn.Module | None = None, *, in_forward: bool = False) -> None:
+    """Raise ``ValueError`` saying why and what to use instead if :func:`deepspeed_detected` sees DeepSpeed."""
+    why = deepspeed_detected(model, in_forward=in_forward)
+    if why is not None:
+        raise ValueError(DEEPSPEED_REFUSAL.format(why=why))
+
+
+def _deepspeed_installed() -> bool:
+    global _DEEPSPEED_INSTALLED
+    if _DEEPSPEED_INSTALLED is None:
+        import importlib.util
+
+        _DEEPSPEED_INSTALLED = importlib.util.find_spec("deepspeed") is not None
+    return _DEEPSPEED_INSTALLED
+
+
+_DEEPSPEED_INSTALLED: bool | None = None
+
+
 def check_distributed_model(model: nn.Module, blocks: list[nn.Module | None] | None = None) -> None:
     """Raise ``ValueError`` naming the fix if ``model`` is wrapped or sharded in a way IST cannot train.
 
@@ -139,6 +234,7 @@ def check_distributed_model(model: nn.Module, blocks: list[nn.Module | None] | N
         model: the model passed to IST (a DDP wrapper, an FSDP2-sharded model, or a plain module).
         blocks: the layer modules, to look for reentrant checkpointing (default: every submodule).
     """
+    check_not_deepspeed(model)
     if isinstance(model, DistributedDataParallel):
         _check_ddp(model, blocks)
     for module in model.modules():
@@ -260,11 +356,14 @@ class DistributedSupport:
             # after IST was built must see every adapter trainable. The selection is applied again
             # before every forward, so the first step is unaffected.
             hooks._restore_flags()
-        if _launched_distributed() and not isinstance(opt.model, DistributedDataParallel):
+        launched = _launched_distributed()
+        if (launched and not isinstance(opt.model, DistributedDataParallel)) or _deepspeed_installed():
             # Only where a launcher may wrap the model later: the check reads the call stack, which
-            # torch.compile cannot trace, so single-process runs go without it.
+            # torch.compile cannot trace, so single-process runs go without it unless DeepSpeed is
+            # installed (HF Trainer's deepspeed_init drops an IST passed with optimizers= and trains on
+            # with its own optimizer, also in one process: the first training forward refuses that).
             self._handle = opt.model.register_forward_pre_hook(
-                _WrapperCheck(hooks, opt.layer_map.modules), with_kwargs=True, prepend=True
+                _WrapperCheck(hooks, opt.layer_map.modules, wrappers=launched), with_kwargs=True, prepend=True
             )
 
     def remove(self) -> None:
@@ -305,9 +404,10 @@ class DistributedSupport:
 class _WrapperCheck:
     """Forward pre-hook: at the first training forward, check a DDP/FSDP1 wrapper added after IST was built."""
 
-    def __init__(self, hooks: ModelHooks, blocks: list[nn.Module | None]) -> None:
+    def __init__(self, hooks: ModelHooks, blocks: list[nn.Module | None], wrappers: bool = True) -> None:
         self.hooks = hooks
         self.blocks = blocks
+        self.wrappers = wrappers  # False: one process, only the DeepSpeed check
         self.done = False
         self.num_params = sum(len(params) for params in hooks.layer_map.params)
 
@@ -318,6 +418,9 @@ class _WrapperCheck:
         if not (module.training and torch.is_grad_enabled()):
             return
         self.done = True
+        check_not_deepspeed(in_forward=True)
+        if not self.wrappers:
+            return
         wrapper = _enclosing_wrapper(module)
         if isinstance(wrapper, DistributedDataParallel):
             _check_ddp(wrapper, self.blocks)
