@@ -6,6 +6,7 @@
 
 from .adapters import ParallelAdapter, SeriesAdapter, add_adapters
 from .fused_lora import fuse_lora
+from .integrations import ISTAdamWFactory
 from .layers import LayerMap, discover_layers
 from .optimizer import IST, ISTAdamW
 from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, PolicyContext, WeightedLayers, outlier_ratios
@@ -22,6 +23,7 @@ __all__ = [
     "LayerPolicy",
     "IST",
     "ISTAdamW",
+    "ISTAdamWFactory",
     "ImportanceScheduler",
     "LayerMap",
     "ParallelAdapter",
