@@ -500,11 +500,15 @@ def test_axolotl_plugin_sets_the_optimizer_through_post_trainer_create(tmp_path)
         manager.plugins.pop(name, None)
 
 
-def test_ms_swift_external_plugin_registers_optimizer_ist(tmp_path):
-    """Smoke test against the installed ms-swift's optimizers_map (ms-swift installed --no-deps)."""
-    pytest.importorskip("swift.optimizers")
+SWIFT_SCRIPT = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
     import importlib
-
+    import pytest
+    from test_integrations import LR, hf_args, rows
+    from conftest import tiny_peft_llama
+    from transformers import Trainer
+    from ist_optim import ISTAdamW
     plugin = importlib.import_module("ist_optim.integrations.swift_plugin")
     from swift.optimizers import optimizers_map
 
@@ -513,9 +517,34 @@ def test_ms_swift_external_plugin_registers_optimizer_ist(tmp_path):
         "active_layers": 0.5, "probe_interval": 2, "rule": "paper"}
     with pytest.raises(ValueError, match="key=value"):
         plugin.parse_optim_args("active_layers")
-    args = hf_args(tmp_path, optim_args="active_layers=0.5,probe_interval=2,seed=3,importance_lr=100.0")
+    args = hf_args(sys.argv[2], optim_args="active_layers=0.5,probe_interval=2,seed=3,importance_lr=100.0")
     trainer = Trainer(model=tiny_peft_llama(), args=args, train_dataset=rows())
     callback = optimizers_map["ist"](args, trainer)  # what swift's trainer mixin builds for --optimizer ist
     callback.create_optimizer_and_scheduler(num_training_steps=6)
     assert isinstance(trainer.optimizer, ISTAdamW) and trainer.optimizer.options["active_layers"] == 0.5
     assert trainer.optimizer.param_groups[0]["initial_lr"] == LR and trainer.lr_scheduler is not None
+    print("SWIFT OK")
+''')
+
+
+def test_ms_swift_external_plugin_registers_optimizer_ist(tmp_path):
+    """Smoke test against the installed ms-swift's optimizers_map (ms-swift installed --no-deps).
+
+    In a subprocess: importing ``swift.optimizers`` monkey-patches transformers' default Trainer callbacks
+    process-wide (``swift.trainers.patcher``: a DefaultFlowCallback reading swift-only ``args.max_epochs``),
+    which breaks every later plain ``Trainer`` run in the same process.
+    """
+    pytest.importorskip("swift")
+    import transformers.trainer as hf_trainer
+
+    before = list(hf_trainer.DEFAULT_CALLBACKS)
+    script = tmp_path / "swift_check.py"
+    script.write_text(SWIFT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "SWIFT OK" in result.stdout
+    assert hf_trainer.DEFAULT_CALLBACKS == before  # this process's Trainer is untouched
