@@ -9,7 +9,17 @@ from .fused_lora import fuse_lora
 from .integrations import ISTAdamWFactory
 from .layers import LayerMap, discover_layers
 from .optimizer import IST, ISTAdamW
-from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, PolicyContext, WeightedLayers, outlier_ratios
+from .policies import (
+    CKALayers,
+    FixedLayers,
+    GradNormLayers,
+    LayerPolicy,
+    LayerwiseCKA,
+    LISALayers,
+    PolicyContext,
+    WeightedLayers,
+    outlier_ratios,
+)
 from .scheduler import ImportanceScheduler
 from .suppression import find_adapter_modules, suppress
 
@@ -17,6 +27,8 @@ __all__ = [
     "CKALayers",
     "FixedLayers",
     "GradNormLayers",
+    "LayerwiseCKA",
+    "LISALayers",
     "PolicyContext",
     "WeightedLayers",
     "outlier_ratios",

@@ -51,9 +51,9 @@ from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
-from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, PolicyContext, layer_grad_norms
+from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, LISALayers, PolicyContext, layer_grad_norms
 from .scheduler import REWARDS, ImportanceScheduler, as_int, check_seed
-from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules
+from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules, suppress
 
 __all__ = ["IST", "ISTAdamW"]
 
@@ -118,9 +118,14 @@ class IST(Optimizer):
             in a distributed run rank 0's, broadcast once here (launchers often seed ranks apart).
         policy: how the layers are chosen: ``"ist"`` (the importance bandit,
             default), ``"random"`` (uniform without replacement, as LISA and the
-            paper's random sparse tuning; no probes), ``"cka"``
+            paper's random sparse tuning, a new draw every step; no probes),
+            ``"lisa"`` (:class:`~ist_optim.LISALayers`: LISA's uniform draw of
+            ``active_layers`` layers, switched every 20 steps as in LMFlow), ``"cka"``
             (:class:`~ist_optim.CKALayers` with its defaults: rank the layers by
-            CKA after a 20-step warm-up, then train the top ``active_layers``),
+            CKA after a 20-step warm-up, then train the top ``active_layers``; the
+            seed paper's own rule, CKA of each pretrained block's input and output
+            before training, is :class:`~ist_optim.LayerwiseCKA`, which needs
+            calibration batches and so has no name),
             ``"gradnorm"`` (:class:`~ist_optim.GradNormLayers` with its defaults:
             GRASS-style gradient-norm sampling of ``active_layers`` layers, seeded
             with ``seed``), or a :class:`~ist_optim.policies.LayerPolicy`
@@ -237,6 +242,8 @@ class IST(Optimizer):
             policy = CKALayers(active_layers)
         elif policy == "gradnorm":
             policy = GradNormLayers(active_layers, seed=seed)
+        elif policy == "lisa":
+            policy = LISALayers(active_layers, interval_steps=20, seed=seed)
         if isinstance(policy, LayerPolicy):
             policy.bind(len(self.layer_map))
             self.scheduler = policy
@@ -356,7 +363,13 @@ class IST(Optimizer):
             seed=self.options["seed"],
             batch=self.hooks.probe_batch,
             _pause_hooks=self._hooks_paused,
+            _adapters_off=self._adapters_off,
         )
+
+    def _adapters_off(self) -> Any:
+        """Every adapter module in the layers returns its base layer's output (beta = 0)."""
+        adapters = find_adapter_modules(self.model, self.layer_map.params)  # never BlockResidual: blocks stay on
+        return suppress(adapters, torch.zeros(len(adapters), dtype=torch.float64), kernels="torch")
 
     @contextmanager
     def _hooks_paused(self) -> Iterator[None]:
@@ -661,7 +674,7 @@ class IST(Optimizer):
         return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
 
 
-POLICIES = ("ist", "random", "cka", "gradnorm")
+POLICIES = ("ist", "random", "lisa", "cka", "gradnorm")
 OUTSIDE_LAYERS = ("train", "freeze")
 
 _CHECKPOINTED_OPTIONS = (

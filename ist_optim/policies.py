@@ -40,9 +40,12 @@ Do not keep the context beyond the call (it refers to the optimizer; keeping
 it would keep the optimizer alive, and a deep copy would share it).
 
 Built in: ``"ist"`` (the bandit, default), ``"random"`` (uniform without
-replacement: LISA, and the paper's random sparse tuning), :class:`FixedLayers`,
-:class:`WeightedLayers` (e.g. OwLore's outlier ratios, see
-:func:`outlier_ratios`), :class:`CKALayers` (``"cka"``) and
+replacement, redrawn every step: the paper's random sparse tuning),
+:class:`LISALayers` (``"lisa"``: LISA as LMFlow runs it, switched every
+``interval_steps``), :class:`FixedLayers`, :class:`WeightedLayers` (e.g.
+OwLore's outlier ratios, see :func:`outlier_ratios`), :class:`LayerwiseCKA`
+(the seed paper's pretrained input-vs-output CKA ranking, before training),
+:class:`CKALayers` (``"cka"``: a frozen-vs-adapted variant after a warm-up) and
 :class:`GradNormLayers` (``"gradnorm"``).
 """
 
@@ -72,6 +75,8 @@ __all__ = [
     "WeightedLayers",
     "CKALayers",
     "GradNormLayers",
+    "LayerwiseCKA",
+    "LISALayers",
     "layer_grad_norms",
     "linear_cka",
     "outlier_ratios",
@@ -100,6 +105,16 @@ class PolicyContext:
     seed: int
     batch: ProbeBatch | None
     _pause_hooks: Callable[[], Any]
+    _adapters_off: Callable[[], Any]
+
+    @contextmanager
+    def pretrained(self) -> Iterator[None]:
+        """Every adapter in the layers scaled by 0 (IST's suppression with ``beta = 0``): the pretrained model.
+
+        In full-layer mode (no adapters) the model is as it is: pretrained only before training.
+        """
+        with self._adapters_off():
+            yield
 
     @contextmanager
     def inference(self) -> Iterator[None]:
@@ -420,6 +435,78 @@ class GradNormLayers(_SeededPolicy):
         )
 
 
+class LISALayers(_SeededPolicy):
+    """LISA: ``active_layers`` layers drawn uniformly, switched every ``interval_steps`` steps.
+
+    Layerwise Importance Sampled AdamW (Pan et al. 2024, arXiv 2403.17919), as
+    LMFlow's ``DynamicLayerActivationCallback`` runs it: before optimizer steps
+    ``0, K, 2K, ...`` (``K = interval_steps``) the policy draws
+    ``active_layers`` of the ``L`` layers uniformly without replacement
+    (``torch.randperm(L)[:active_layers]`` on the policy's own generator;
+    LMFlow uses ``np.random.choice(L, n, replace=False)``: the same
+    distribution, not the same numbers), and those layers alone train for the
+    next ``K`` steps. Everything outside the layers (embeddings, final norm,
+    LM head) trains every step with IST's default ``outside_layers="train"``,
+    as in LISA. LMFlow's defaults are ``LISALayers(2, interval_steps=20)``;
+    ``policy="lisa"`` is ``LISALayers(active_layers, interval_steps=20, seed=seed)``
+    with IST's options. LISA is full-parameter fine-tuning: with no adapters
+    in the model IST's layers are the blocks themselves (full-layer mode);
+    with adapters the same schedule chooses which layers' adapters train.
+    The optimizer state of layers switched off is kept (``state_policy="keep"``,
+    as LMFlow's AdamW keeps it) unless IST is told to offload or drop it.
+
+    ``interval_steps=1`` redraws before every step, which is ``policy="random"``'s
+    distribution.
+
+    Args:
+        active_layers: layers per interval (int count or float fraction of ``L``).
+        interval_steps: ``K >= 1``, optimizer steps between switches.
+        seed: seed of the policy's own generator; ``None`` (default): IST's ``seed`` option.
+
+    Attributes:
+        num_steps: optimizer steps taken.
+    """
+
+    def __init__(self, active_layers: int | float = 2, *, interval_steps: int = 20, seed: int | None = None) -> None:
+        super().__init__(seed)
+        if as_int(interval_steps) is None or as_int(interval_steps) < 1:
+            raise ValueError(f"Invalid interval_steps: {interval_steps} (need an int >= 1)")
+        self.active_layers = active_layers
+        self.interval_steps = as_int(interval_steps)
+        self.num_active = 0
+        self.num_steps = 0
+        self._drawn_at: int | None = None  # num_steps of the last draw (one draw per switch)
+
+    def bind(self, num_layers: int) -> None:
+        super().bind(num_layers)
+        self.num_active = resolve_layer_count(self.active_layers, num_layers, "active_layers")
+
+    def after_step(self, context: PolicyContext) -> None:
+        self.num_steps += 1
+
+    def sample_active(self) -> list[int]:
+        if self.num_steps % self.interval_steps == 0 and self._drawn_at != self.num_steps:
+            order = torch.randperm(self.num_layers, generator=self.generator)
+            self.active = sorted(order[: self.num_active].tolist())
+            self._drawn_at = self.num_steps
+        return list(self.active)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "num_steps": self.num_steps}
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().check_state_dict(state_dict)
+        _require(state_dict, ("num_steps",), type(self).__name__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.num_steps = int(state_dict["num_steps"])
+        self._drawn_at = self.num_steps  # saved after step(): this interval's layers are already drawn
+
+    def __repr__(self) -> str:
+        return f"LISALayers(active_layers={self.active_layers}, interval_steps={self.interval_steps}, seed={self.seed})"
+
+
 # ---------------------------------------------------------------------- CKA (layer-wise LoRA with CKA)
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Linear CKA (Kornblith et al. 2019) of two ``(n, d)`` representations of the same ``n`` rows, in float64.
@@ -465,6 +552,9 @@ def _token_rows(hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor
 
 class CKALayers(LayerPolicy):
     """Train the layers that a short warm-up changed most, measured by linear CKA (then fixed).
+
+    A variant, not the seed paper's rule (that is :class:`LayerwiseCKA`, which
+    ranks the pretrained blocks before training).
 
     After Layer-wise LoRA with CKA (the idea: layers whose representations
     fine-tuning changes most matter most; ``../shared/seeds/003``), as IST's issue 10 defines it:
@@ -690,6 +780,185 @@ class CKALayers(LayerPolicy):
             f"CKALayers(active_layers={self.active_layers}, warmup_steps={self.warmup_steps}, "
             f"num_batches={self.num_batches})"
         )
+
+
+def _as_probe_batch(item: Any, device: torch.device | None) -> ProbeBatch:
+    """A calibration batch as ``(args, kwargs)``: a mapping is keywords, a tensor one argument, a tuple arguments."""
+    if isinstance(item, Mapping):
+        args, kwargs = (), dict(item)
+    elif isinstance(item, torch.Tensor):
+        args, kwargs = (item,), {}
+    elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list)) and isinstance(
+        item[1], Mapping
+    ):
+        args, kwargs = tuple(item[0]), dict(item[1])
+    elif isinstance(item, (tuple, list)):
+        args, kwargs = tuple(item), {}
+    else:
+        raise TypeError(
+            f"LayerwiseCKA: a calibration batch must be a dict of model keywords, a tensor, a tuple of arguments "
+            f"or (args, kwargs), not {type(item).__name__}"
+        )
+
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) and device is not None else value
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _feature_rows(hidden: torch.Tensor, kwargs: Mapping[str, Any], tokens: str) -> torch.Tensor:
+    """``(n, d)`` rows of a block's hidden state: each sequence's last real token, or every real token."""
+    if hidden.dim() < 3:
+        return hidden.reshape(-1, hidden.shape[-1])
+    if tokens == "all":
+        return _token_rows(hidden, kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(hidden.shape[:2]):
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)  # right or left padding
+        if bool((last < 0).any()):
+            raise ValueError("LayerwiseCKA: a calibration row has no token with attention_mask 1")
+    else:
+        last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+
+class LayerwiseCKA(LayerPolicy):
+    """Layer-wise LoRA with CKA (seed ``003``): before training, tune the blocks that change their input most.
+
+    As the paper's released code defines it (github.com/c2d-usp/Layer-wise-LoRA-with-CKA,
+    ``select_layers_decoder.py``): the *pretrained* model (every adapter's
+    output scaled by 0, :meth:`PolicyContext.pretrained`) runs, no grad and
+    eval mode, on the calibration ``batches`` (the paper: the first 128
+    training samples, batch 2); each block ``i``'s input ``h_i`` and output
+    ``h_{i+1}`` are recorded as the last real token of each sequence
+    (``tokens="last"``; the position of the last ``attention_mask`` 1, so
+    right and left padding both work) or every real token (``tokens="all"``).
+    Block ``i``'s score is ``linear_cka(h_i, h_{i+1})`` over all calibration
+    rows; the ``active_layers`` blocks with the *lowest* CKA (the ones that
+    transform their input most; ties to the lower index) train at every step,
+    the others never (the paper puts LoRA only on them). A float
+    ``active_layers`` is ``floor(f * L)`` layers, as the paper's
+    ``ratio_of_layers`` (its default 0.5), at least 1.
+
+    Measured once, in :meth:`attach` (IST's construction): call it before
+    training, with the adapters as initialised. One difference from the
+    released code on HF decoders: its last block's "output" is
+    ``hidden_states[-1]``, which transformers returns after the final norm;
+    here every block's output is the block's own output. In a data-parallel
+    run each rank measures its batches and the CKA values are averaged.
+
+    Args:
+        batches: calibration batches, each a dict of model keywords
+            (``input_ids``, ``attention_mask``), a tensor, a tuple of
+            arguments, or ``(args, kwargs)``; moved to the model's device.
+        active_layers: blocks trained (int count, or float fraction floored).
+        tokens: ``"last"`` (the paper) or ``"all"``.
+
+    Attributes:
+        cka: ``(L,)`` float64 CKA of each block's input and output.
+        ranking: blocks from lowest CKA (most changed) to highest.
+        num_rows: calibration rows measured.
+    """
+
+    def __init__(self, batches: Any, active_layers: int | float = 0.5, *, tokens: str = "last") -> None:
+        super().__init__()
+        if tokens not in ("last", "all"):
+            raise ValueError(f"Invalid tokens: {tokens!r} (expected 'last' or 'all')")
+        if batches is None or isinstance(batches, (torch.Tensor, Mapping)):
+            batches = [batches] if batches is not None else []
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("LayerwiseCKA needs calibration batches (e.g. the first 128 training samples)")
+        self.active_layers = active_layers
+        self.tokens = tokens
+        self.num_active = 0
+        self.num_rows = 0
+        self.cka = torch.zeros(0, dtype=torch.float64)
+        self.ranking: list[int] = []
+
+    def bind(self, num_layers: int) -> None:
+        super().bind(num_layers)
+        count = as_int(self.active_layers)
+        if count is None and isinstance(self.active_layers, numbers.Real) and not isinstance(self.active_layers, bool):
+            fraction = float(self.active_layers)
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"Invalid active_layers: {fraction} (a float fraction must lie in (0, 1])")
+            count = max(1, math.floor(fraction * num_layers))
+        self.num_active = resolve_layer_count(count if count is not None else self.active_layers, num_layers,
+                                              "active_layers")
+        self.cka = torch.full((num_layers,), math.nan, dtype=torch.float64)
+
+    def attach(self, context: PolicyContext) -> None:
+        if any(block is None for block in context.layers):
+            raise ValueError("LayerwiseCKA measures each block's input and output, so the layers must be modules "
+                             "(not layer_of=)")
+        params = [p for ps in context.layer_params for p in ps]
+        device = params[0].device if params else None
+        inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(self.num_layers)}
+        outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(self.num_layers)}
+        seen: set[tuple[str, int]] = set()
+        kwargs_now: dict[str, Any] = {}
+
+        def record_input(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, _ = _hidden_state(args, kwargs)
+            if hidden is not None and ("in", index) not in seen:  # a shared block: its first call
+                seen.add(("in", index))
+                inputs[index].append(_feature_rows(hidden, kwargs_now, self.tokens).to("cpu", torch.float64))
+
+        def record_output(index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = _first_tensor(output)
+            if hidden is not None and ("out", index) not in seen:
+                seen.add(("out", index))
+                outputs[index].append(_feature_rows(hidden, kwargs_now, self.tokens).to("cpu", torch.float64))
+
+        handles = []
+        try:
+            for index, block in enumerate(context.layers):
+                handles.append(block.register_forward_pre_hook(functools.partial(record_input, index), with_kwargs=True))
+                handles.append(block.register_forward_hook(functools.partial(record_output, index), with_kwargs=True))
+            with context.pretrained():
+                for item in self.batches:
+                    batch = _as_probe_batch(item, device)
+                    seen.clear()
+                    kwargs_now.clear()
+                    kwargs_now.update(batch[1])
+                    context.run(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [context.layer_names[i] for i in range(self.num_layers) if not inputs[i] or not outputs[i]]
+        if missing:
+            raise ValueError(f"LayerwiseCKA: no hidden-state input or output was seen for {missing[:4]}")
+        local = torch.stack([
+            linear_cka(torch.cat(inputs[i]), torch.cat(outputs[i])) for i in range(self.num_layers)
+        ])
+        self.num_rows = int(sum(t.shape[0] for t in inputs[0]))
+        self.cka = reduce_probe_losses(local)  # the mean over ranks; itself when alone
+        self.ranking = sorted(range(self.num_layers), key=lambda i: (float(self.cka[i]), i))
+
+    def sample_active(self) -> list[int]:
+        if not self.ranking:
+            raise RuntimeError("LayerwiseCKA was never attached (IST measures it at construction)")
+        self.active = sorted(self.ranking[: self.num_active])
+        return list(self.active)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "cka": self.cka.clone(), "ranking": list(self.ranking)}
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().check_state_dict(state_dict)
+        _require(state_dict, ("cka", "ranking"), type(self).__name__)
+        if sorted(int(i) for i in state_dict["ranking"]) != list(range(self.num_layers)):
+            raise ValueError(f"LayerwiseCKA state has a ranking that is no order of {self.num_layers} layers")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.cka = state_dict["cka"].detach().to("cpu", torch.float64).clone()
+        self.ranking = [int(i) for i in state_dict["ranking"]]
+
+    def __repr__(self) -> str:
+        return f"LayerwiseCKA(<{len(self.batches)} batches>, active_layers={self.active_layers}, tokens={self.tokens!r})"
 
 
 def _require(state_dict: Mapping[str, Any], keys: Sequence[str], owner: str) -> None:

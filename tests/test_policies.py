@@ -97,7 +97,7 @@ def test_a_checkpoint_of_another_policy_is_refused():
 @pytest.mark.parametrize(
     "policy, error, match",
     [
-        ("lisa", ValueError, "policy"),
+        ("lomo", ValueError, "policy"),
         (FixedLayers([0, 4]), ValueError, "4 layers"),
         (WeightedLayers([1.0, 1.0]), ValueError, "2 of them"),
         (WeightedLayers([1.0, 0.0, 0.0, 0.0], active_layers=2), ValueError, "positive"),

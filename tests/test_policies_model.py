@@ -17,7 +17,16 @@ import torch
 from conftest import lm_batch, tiny_llama, tiny_peft_llama
 from torch import nn
 
-from ist_optim import CKALayers, GradNormLayers, ISTAdamW, LayerPolicy, WeightedLayers, outlier_ratios
+from ist_optim import (
+    CKALayers,
+    GradNormLayers,
+    ISTAdamW,
+    LayerPolicy,
+    LayerwiseCKA,
+    LISALayers,
+    WeightedLayers,
+    outlier_ratios,
+)
 from ist_optim.policies import linear_cka
 
 
@@ -182,6 +191,7 @@ RESUMABLE = {
     "cka-after-ranking": (lambda: CKALayers(2, warmup_steps=2, num_batches=2), 3),
     "gradnorm": (lambda: GradNormLayers(1, interval=3, seed=7), 4),
     "weighted": (lambda: WeightedLayers([1.0, 2.0, 3.0, 4.0], 2, seed=5), 3),
+    "lisa-mid-interval": (lambda: LISALayers(2, interval_steps=3, seed=5), 4),
 }
 
 
@@ -339,7 +349,7 @@ def _model_of_kind(kind: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["dora", "series", "parallel", "full-layer"])
-@pytest.mark.parametrize("policy", ["random", "cka", "gradnorm", "weighted", "fixed"])
+@pytest.mark.parametrize("policy", ["random", "lisa", "cka", "layerwise-cka", "gradnorm", "weighted", "fixed"])
 def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kind):
     from ist_optim import FixedLayers
 
@@ -349,6 +359,8 @@ def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kin
         "gradnorm": lambda: GradNormLayers(1, interval=2, seed=0),
         "weighted": lambda: WeightedLayers([1.0, 0.0, 2.0, 3.0], 1, seed=0),
         "fixed": lambda: FixedLayers([2]),
+        "lisa": lambda: LISALayers(1, interval_steps=2, seed=0),
+        "layerwise-cka": lambda: LayerwiseCKA([lm_batch(seed=99)], active_layers=1),
     }
     options = dict(outside_layers="freeze") if kind == "full-layer" else {}
     opt = ISTAdamW(model, lr=1e-2, policy=make[policy]() if policy in make else policy, active_layers=1,
