@@ -17,6 +17,7 @@ from .policies import (
     LayerwiseCKA,
     LISALayers,
     PolicyContext,
+    SafeImportance,
     WeightedLayers,
     outlier_ratios,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "LayerwiseCKA",
     "LISALayers",
     "PolicyContext",
+    "SafeImportance",
     "WeightedLayers",
     "outlier_ratios",
     "LayerPolicy",

@@ -51,7 +51,16 @@ from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
 from .layers import LayerMap, discover_layers
 from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
-from .policies import CKALayers, FixedLayers, GradNormLayers, LayerPolicy, LISALayers, PolicyContext, layer_grad_norms
+from .policies import (
+    CKALayers,
+    FixedLayers,
+    GradNormLayers,
+    LayerPolicy,
+    LISALayers,
+    PolicyContext,
+    SafeImportance,
+    layer_grad_norms,
+)
 from .scheduler import REWARDS, ImportanceScheduler, as_int, check_seed
 from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules, suppress
 
@@ -120,7 +129,10 @@ class IST(Optimizer):
             default), ``"random"`` (uniform without replacement, as LISA and the
             paper's random sparse tuning, a new draw every step; no probes),
             ``"lisa"`` (:class:`~ist_optim.LISALayers`: LISA's uniform draw of
-            ``active_layers`` layers, switched every 20 steps as in LMFlow), ``"cka"``
+            ``active_layers`` layers, switched every 20 steps as in LMFlow),
+            ``"safe"`` (:class:`~ist_optim.SafeImportance` with its defaults:
+            ``||grad B||`` importance mixed with uniform, a per-layer floor and
+            forced coverage; no probes), ``"cka"``
             (:class:`~ist_optim.CKALayers` with its defaults: rank the layers by
             CKA after a 20-step warm-up, then train the top ``active_layers``; the
             seed paper's own rule, CKA of each pretrained block's input and output
@@ -244,6 +256,8 @@ class IST(Optimizer):
             policy = GradNormLayers(active_layers, seed=seed)
         elif policy == "lisa":
             policy = LISALayers(active_layers, interval_steps=20, seed=seed)
+        elif policy == "safe":
+            policy = SafeImportance(active_layers, seed=seed)
         if isinstance(policy, LayerPolicy):
             policy.bind(len(self.layer_map))
             self.scheduler = policy
@@ -674,7 +688,7 @@ class IST(Optimizer):
         return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
 
 
-POLICIES = ("ist", "random", "lisa", "cka", "gradnorm")
+POLICIES = ("ist", "random", "lisa", "safe", "cka", "gradnorm")
 OUTSIDE_LAYERS = ("train", "freeze")
 
 _CHECKPOINTED_OPTIONS = (

@@ -24,6 +24,7 @@ from ist_optim import (
     LayerPolicy,
     LayerwiseCKA,
     LISALayers,
+    SafeImportance,
     WeightedLayers,
     outlier_ratios,
 )
@@ -192,6 +193,7 @@ RESUMABLE = {
     "gradnorm": (lambda: GradNormLayers(1, interval=3, seed=7), 4),
     "weighted": (lambda: WeightedLayers([1.0, 2.0, 3.0, 4.0], 2, seed=5), 3),
     "lisa-mid-interval": (lambda: LISALayers(2, interval_steps=3, seed=5), 4),
+    "safe": (lambda: SafeImportance(1, gamma=0.3, seed=5), 5),
 }
 
 
@@ -349,7 +351,7 @@ def _model_of_kind(kind: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["dora", "series", "parallel", "full-layer"])
-@pytest.mark.parametrize("policy", ["random", "lisa", "cka", "layerwise-cka", "gradnorm", "weighted", "fixed"])
+@pytest.mark.parametrize("policy", ["random", "lisa", "safe", "cka", "layerwise-cka", "gradnorm", "weighted", "fixed"])
 def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kind):
     from ist_optim import FixedLayers
 
@@ -360,6 +362,7 @@ def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kin
         "weighted": lambda: WeightedLayers([1.0, 0.0, 2.0, 3.0], 1, seed=0),
         "fixed": lambda: FixedLayers([2]),
         "lisa": lambda: LISALayers(1, interval_steps=2, seed=0),
+        "safe": lambda: SafeImportance(1, seed=0),
         "layerwise-cka": lambda: LayerwiseCKA([lm_batch(seed=99)], active_layers=1),
     }
     options = dict(outside_layers="freeze") if kind == "full-layer" else {}
