@@ -35,7 +35,7 @@ from common import peak_step_bytes, state_bytes_on_device
 from peft import LoraConfig, get_peft_model
 from tasks import Example, Task
 
-from ist_optim import ISTAdamW
+from ist_optim import ISTAdamW, LayerwiseCKA
 from ist_optim.layers import discover_layers
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -245,7 +245,23 @@ class RunResult:
     optimizer: torch.optim.Optimizer | None = None
 
 
-def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torch.Tensor | None) -> torch.optim.Optimizer:
+CALIBRATION_ROWS = 128  # layer-wise LoRA with CKA: the first 128 training samples, as its released code
+
+
+def calibration_batches(batches: Batches, task: Task, device: torch.device, size: int = 16) -> list[dict[str, Any]]:
+    """The inputs of the first ``CALIBRATION_ROWS`` training examples (for ``policy:layerwise_cka``)."""
+    rows = task.train[:CALIBRATION_ROWS]
+    out = []
+    for start in range(0, len(rows), size):
+        batch = batches.train_batch(rows[start : start + size])
+        out.append({k: batch[k].to(device) for k in ("input_ids", "attention_mask")})
+    return out
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: RunConfig, label_words: torch.Tensor | None,
+    calibration: list[dict[str, Any]] | None = None,
+) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.arm == "lora":
         return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
@@ -269,6 +285,8 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, label_words: torc
         options["rule"] = "paper"
     elif config.arm == "random":
         options["policy"] = "random"
+    elif config.arm == "policy:layerwise_cka":  # the seed's rule: ranked on the pretrained model before training
+        options["policy"] = LayerwiseCKA(calibration, active_layers=config.active_layers)
     elif config.arm.startswith("policy:"):
         options["policy"] = config.arm.split(":", 1)[1]
     if label_words is not None:  # the targets reach the probes through opt.set_loss_inputs
@@ -302,8 +320,9 @@ def train_run(
     """Fine-tune a copy of ``base`` with ``config.arm``; the base model is left untouched."""
     model = add_lora(base, config.rank, config.seed)
     model.train()
-    opt = build_optimizer(model, config, batches.label_words)
     device = next(model.parameters()).device
+    calibration = calibration_batches(batches, task, device) if config.arm == "policy:layerwise_cka" else None
+    opt = build_optimizer(model, config, batches.label_words, calibration)
     result = RunResult(config)
     order = random.Random(config.seed)  # the same batches, in the same order, for every arm of a seed
     layer_counts = [0] * len(opt.layer_names) if isinstance(opt, ISTAdamW) else []

@@ -363,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setting", default="sst2", choices=sorted(SETTINGS))
     parser.add_argument("--arms", type=lambda s: [check_arm(a) for a in s.split(",")],
                         help="comma-separated: lora, ist, ist-paper, random (default: the setting's study)")
-    parser.add_argument("--policy", help="add an arm that runs ISTAdamW(policy=NAME), e.g. cka, gradnorm")
+    parser.add_argument("--policy", help="add an arm that runs ISTAdamW(policy=NAME), e.g. lisa, safe, cka, gradnorm, "
+                        "layerwise_cka (LayerwiseCKA on the first 128 training examples); --arms takes policy:NAME too")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--sparse-lr-scales", type=lambda s: [float(x) for x in s.split(",")])

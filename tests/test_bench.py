@@ -84,6 +84,18 @@ def _bench_module(name: str):
         sys.path.remove(str(ROOT / "bench"))
 
 
+def test_quality_benchmark_runs_the_seed_and_safe_policies(tmp_path):
+    """LISA, SafeImportance and layer-wise CKA (ranked on calibration batches of the task) as quality arms."""
+    results = tmp_path / "quality.jsonl"
+    run("quality.py", "--model", "tiny", "--setting", "weekday", "--arms",
+        "lora,policy:lisa,policy:safe,policy:layerwise_cka", "--seeds", "0", "--budgets", "3",
+        "--sparse-lr-scales", "4", "--eval-size", "16", "--out", str(results))
+    records = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(records) == {"lora", "policy:lisa", "policy:safe", "policy:layerwise_cka"}
+    cka = records["policy:layerwise_cka"]["layer_counts"]
+    assert sorted(cka, reverse=True)[: sum(c > 0 for c in cka)] == [3] * sum(c > 0 for c in cka)  # fixed layers
+
+
 def test_quality_benchmark_defaults_are_each_settings_study():
     """A bare ``--setting X`` runs the study the README reports for X; a flag overrides its part only."""
     quality = _bench_module("quality")
