@@ -12,8 +12,8 @@ Everything IST does to a model goes through :class:`ModelHooks`, and
   every selection until someone sets it ``True`` again, and then schedules it
   again. A ``True`` on a parameter that is not user-frozen changes nothing: that
   it is trainable is the user's; *when* it trains (its layer is selected) is
-  IST's, so an unselected parameter set ``True`` is off again from the next
-  forward. To see a ``False`` written while IST itself has the parameter off
+  IST's, so an unselected parameter set ``True`` is off again at once (a
+  watched write) or from the next forward (an unwatched one). To see a ``False`` written while IST itself has the parameter off
   (its layer not selected), the writes are watched: plain ``nn.Parameter`` objects
   get a subclass (same name, ``isinstance`` unchanged, pickles as
   ``nn.Parameter``) whose ``__setattr__`` and ``requires_grad_`` report to
@@ -413,6 +413,13 @@ class ModelHooks:
         i = self._index.get(id(p))
         if i is not None and not self.removed and self._managed[i] is p:
             self._user_frozen[i] = not value
+            if value and id(p) not in self._selected_ids:
+                # An unselected parameter turned on (peft's disable_adapter() turns every adapter on when it
+                # exits, e.g. after DPO's reference forward) is off again at once, not only at the next forward:
+                # backward may still recompute a checkpointed block of this step's forward, which must see the
+                # flags that forward saw.
+                _set_flag(p, False)
+                self._ist_flags[i] = False
 
     def _apply_flags(self) -> None:
         i = 0
