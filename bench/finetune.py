@@ -374,6 +374,23 @@ def train_run(
     return result
 
 
+def layer_choice_report(opt: torch.optim.Optimizer, batches: Batches, examples: list[Example] | None = None):
+    """``opt.importance_report()`` (can layer choice matter here?) on the last training batch, or on ``examples``.
+
+    ``None`` for an arm without IST (``lora``: plain AdamW).
+    """
+    if not isinstance(opt, ISTAdamW):
+        return None
+    if examples is None:
+        return opt.importance_report()
+    batch = to_device(batches.train_batch(examples), next(p for g in opt.param_groups for p in g["params"]).device)
+    loss_inputs = None
+    if "target" in batch:  # a verbalizer: the forward keeps the last position, the target goes to loss_fn
+        loss_inputs = {"target": batch.pop("target")}
+        batch["logits_to_keep"] = 1
+    return opt.importance_report(batch, loss_inputs=loss_inputs)
+
+
 def tiny_model(tokens: WordTokenizer, layers: int = 4, hidden: int = 64) -> torch.nn.Module:
     """A config-built LLaMA for smoke tests (random weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import torch
 from common import conditions
-from finetune import (ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, tiny_classifier, tiny_model,
-                      train_run)
+from finetune import (ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, layer_choice_report,
+                      tiny_classifier, tiny_model, train_run)
 from tasks import SHARED_DATA, load_task, weekday_task
 
 from ist_optim.scheduler import REWARDS
@@ -216,6 +216,7 @@ def run_all(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 result = train_run(base, batches, task, config)
                 test = evaluate(result.model, batches, task.test)
+                report = layer_choice_report(result.optimizer, batches)  # on the last training batch
                 record.update(
                     val={str(s): v for s, v in result.evals.items()}, test=test,
                     train_loss=rounded(result.train_loss, 9), step_seconds=rounded(result.step_seconds, 6),
@@ -224,6 +225,9 @@ def run_all(args: argparse.Namespace) -> None:
                     layer_counts=result.layer_counts, peak_bytes=result.peak_bytes,
                     wall_seconds=time.perf_counter() - started, torch_threads=torch.get_num_threads(),
                 )
+                if report is not None:  # can layer choice matter here? (ist_optim.diagnostics)
+                    record["layer_choice"] = {k: report.to_dict()[k] for k in
+                                              ("rho", "gain_bound", "signal_share", "top_layers", "sentence")}
                 with out.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 final = result.evals[budgets[-1]]

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 from common import conditions
-from finetune import Batches, HFTokens, RunConfig, RunResult, WordTokenizer, check_arm, evaluate, tiny_model, train_run
+from finetune import (Batches, HFTokens, RunConfig, RunResult, WordTokenizer, check_arm, evaluate, layer_choice_report,
+                      tiny_model, train_run)
 from tasks import load_task, weekday_task
 from tqdm import tqdm
 
@@ -161,6 +162,12 @@ def main() -> None:
             print(f"{arm}: importance after {len(result.importance)} updates: [{final}]")
         if result.layer_counts:
             print(f"{arm}: steps each layer trained: {result.layer_counts}")
+    printed = False
+    for arm, result in results.items():  # can layer choice matter here? on the arm's last training batch
+        report = layer_choice_report(result.optimizer, batches)
+        if report is not None:
+            print(f"{arm}: {report}" if not printed else f"{arm}: {report.sentence}")
+            printed = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in plot(results, out, f"{task.name}, {args.model}"):

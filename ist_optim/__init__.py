@@ -5,6 +5,7 @@
 """
 
 from .adapters import ParallelAdapter, SeriesAdapter, add_adapters
+from .diagnostics import ImportanceReport
 from .fused_lora import fuse_lora
 from .integrations import ISTAdamWFactory
 from .layers import LayerMap, discover_layers
@@ -38,6 +39,7 @@ __all__ = [
     "IST",
     "ISTAdamW",
     "ISTAdamWFactory",
+    "ImportanceReport",
     "ImportanceScheduler",
     "LayerMap",
     "ParallelAdapter",

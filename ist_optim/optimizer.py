@@ -46,6 +46,8 @@ from .distributed import (
     shared_seed,
     unwrap_model,
 )
+from .diagnostics import DEFAULT_THRESHOLD, ImportanceReport
+from .diagnostics import importance_report as _importance_report
 from .eviction import STATE_POLICIES, StateEvictor
 from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
@@ -427,6 +429,40 @@ class IST(Optimizer):
         report["backward_cuts_skipped"] = self.hooks.cut_skip_count
         return report
 
+    def importance_report(
+        self,
+        batch: Any = None,
+        *,
+        loss_inputs: dict[str, Any] | None = None,
+        groups: int = 2,
+        threshold: float = DEFAULT_THRESHOLD,
+        train_mode: bool = False,
+    ) -> ImportanceReport:
+        """Whether layer choice can matter for this model and data: per-layer signal, ``rho``, the bound, a sentence.
+
+        Splits the batch into ``groups`` parts by rows, takes each part's gradients of every layer's
+        LoRA ``B`` (all layers, whatever the current selection; all of a layer's trainable parameters
+        for other adapters) and reports per layer the two-batch product ``G_l = <g_l(1), g_l(2)>``
+        (an unbiased estimate of ``||E g_l||^2``), the heterogeneity ``rho = (sum sqrt G+)^2 / (N sum G+)``
+        and ``1 - rho``, the most gradient variance any importance rule can save against uniform choice;
+        see :mod:`ist_optim.diagnostics` for the derivation and the ``threshold``. Training is not
+        disturbed: no optimizer step, ``.grad``, ``requires_grad``, hooks, train/eval modes and the
+        RNG as before (the gradients come from ``torch.autograd.grad``). Under ``torch.distributed``
+        every rank must call it; the products are averaged over ranks.
+
+        Args:
+            batch: forward inputs, a dict of keyword arguments or ``(args, kwargs)``; default the
+                inputs of the last training forward (the probe batch), with what :meth:`set_loss_inputs`
+                gave that step.
+            loss_inputs: keywords for ``loss_fn`` beyond the forward's inputs (e.g. ``target``), split by rows too.
+            groups: parts of the batch (2: two halves); the mean of all pairwise products is used.
+            threshold: ``rho`` at or above which uniform choice is called near-optimal (default 0.8).
+            train_mode: keep the model's train mode (dropout) instead of ``eval()``.
+        """
+        return _importance_report(
+            self, batch, loss_inputs=loss_inputs, groups=groups, threshold=threshold, train_mode=train_mode
+        )
+
     def set_loss_inputs(self, **values: Any) -> None:
         """Register what the probe ``loss_fn`` needs beyond the forward's inputs, for the coming step.
 
@@ -491,6 +527,7 @@ class IST(Optimizer):
                 loss = self.optimizer.step(inner_closure)
         # this step's only: never a newer batch's (read after the closure, which may have set them)
         loss_inputs, self._loss_inputs = self._loss_inputs, {}
+        self._report_loss_inputs = (self.hooks.probe_batch, loss_inputs)  # importance_report's default, for this batch
         if found_inf is not None and bool(found_inf.sum() > 0):
             return loss  # the fused step skipped itself on inf/NaN gradients; so does the selection, as without fusion
         self.num_steps += 1

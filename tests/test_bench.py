@@ -41,6 +41,7 @@ def test_main_job_smoke(tmp_path):
     assert len({r[1] for r in rows.values()}) == 1  # one zero-shot accuracy: every arm starts from the same model
     assert float(rows["ist"][0]) == 4 * float(rows["lora"][0])  # sparse arms: lr / active_layers by default
     assert "ist: importance after 3 updates" in out and "random: importance" not in out
+    assert "ist: importance report: rho" in out  # the diagnostic, once after training (the other arm: its sentence)
     assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "importance_ist.png").stat().st_size > 0
 
 
@@ -68,6 +69,8 @@ def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
         ("lora", 1.0), ("ist", 4.0), ("random", 1.0), ("policy:gradnorm", 4.0)}
     ist = next(r for r in records if r["arm"] == "ist")
     assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
+    assert all(("layer_choice" in r) == (r["arm"] != "lora") for r in records)  # the diagnostic per sparse run
+    assert isinstance(ist["layer_choice"]["sentence"], str) and "rho" in ist["layer_choice"]
     assert "first budget from which" in out and "agreement across seeds" in out
     assert "guessing 14.3% val / 14.3% test" in out  # 7 day names
     assert (tmp_path / "quality_weekday_tiny.png").stat().st_size > 0  # plots of models other than smollm2 are named
