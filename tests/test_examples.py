@@ -32,7 +32,7 @@ def runs():
 
 def test_every_example_is_listed():
     assert {"plain_loop.py", "hf_trainer.py", "trl_sft.py", "accelerate_loop.py", "any_optimizer.py",
-            "full_layer.py", "nanogpt_no_peft.py"} <= set(SCRIPTS)
+            "full_layer.py", "nanogpt_no_peft.py", "ddp_torchrun.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
