@@ -231,3 +231,12 @@ def test_probe_rows_is_checkpointed_and_older_checkpoints_load(tmp_path):
         warnings.simplefilter("error")
         fresh.load_state_dict(older)
     assert torch.equal(fresh.scheduler.importance, opt.scheduler.importance) and fresh.num_steps == 1
+
+
+def test_axolotl_config_field_reaches_the_option():
+    from ist_optim.integrations.axolotl import IST_CONFIG_FIELDS, ISTArgs, ist_options_from_cfg
+
+    assert IST_CONFIG_FIELDS["ist_probe_rows"] == "probe_rows"
+    assert ist_options_from_cfg({"ist_probe_rows": 4, "ist_seed": None}) == {"probe_rows": 4}
+    if ISTArgs is not None:
+        assert ISTArgs(ist_probe_rows=0.25).ist_probe_rows == 0.25
