@@ -21,6 +21,13 @@ the oracle, over many replays). The frozen model isolates the estimator's
 noise from the drift of a model that keeps training.
 
     OMP_NUM_THREADS=1 python bench/importance_study.py --seed 0 --train-steps 40
+
+The half-mask losses are also kept per row of the batch (``mask_row_losses``),
+so the replay can score probes on only the first ``k`` rows (IST's
+``probe_rows=k``: the verbalizer loss is the mean over rows, each row's
+logits independent of the others) against the same full-batch oracle:
+``--probe-rows 16 4 2`` prints ``reference/rows=k@rounds`` beside the
+full-batch estimators, so the signal a cheaper probe gives up is measured.
 """
 
 from __future__ import annotations
@@ -86,10 +93,20 @@ def collect(args: argparse.Namespace) -> dict:
             masks += [kept, ~kept]
         factors += [torch.where(m, 1.0, beta) for m in masks]
         beta_rows = torch.stack(factors).double()
-        losses = torch.cat([probe_losses(model, opt.adapters, beta_rows[s : s + 8], batch=((), batch), loss_fn=loss_fn,
-                                         mode="batched") for s in range(0, len(beta_rows), 8)])
+        per_row: list[list[float]] = []  # per-row cross-entropies of each candidate, in order
+
+        def row_loss(output, *args, target, per_row=per_row, **kwargs):
+            loss = loss_fn(output, *args, **kwargs)  # the probe's own loss, unchanged
+            logits = output.logits[:, -1, batches.label_words.to(output.logits.device)].float()
+            per_row.append(torch.nn.functional.cross_entropy(logits, target, reduction="none").double().tolist())
+            return loss
+
+        losses = torch.cat([probe_losses(model, opt.adapters, beta_rows[s : s + 8], batch=((), batch),
+                                         loss_fn=functools.partial(row_loss, target=target), mode="batched")
+                            for s in range(0, len(beta_rows), 8)])
         rows.append({"base": losses[0].item(), "single": losses[1 : L + 1].tolist(),
-                     "masks": [m.tolist() for m in masks], "mask_losses": losses[L + 1 :].tolist()})
+                     "masks": [m.tolist() for m in masks], "mask_losses": losses[L + 1 :].tolist(),
+                     "mask_row_losses": per_row[L + 1 :]})
         print(f"batch {b}: base loss {losses[0]:.4f}", flush=True)
     opt.remove_hooks()
     return {"seed": args.seed, "train_steps": args.train_steps, "beta": beta, "layers": L,
@@ -97,8 +114,12 @@ def collect(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------- estimators replayed on the pool
-def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidates: int = 3) -> list[float]:
-    """Importance after ``rounds`` probe rounds, each on one batch of the pool, under ``estimator``."""
+def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidates: int = 3,
+           probe_rows: int | None = None) -> list[float]:
+    """Importance after ``rounds`` probe rounds, each on one batch of the pool, under ``estimator``.
+
+    ``probe_rows=k``: the half-mask candidates' losses are those of the batch's first ``k`` rows only.
+    """
     L = data["layers"]
     imp = [0.0] * L
     design, response = [], []
@@ -116,7 +137,10 @@ def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidat
             picks = [2 * p + s for p in rng.sample(range(pairs), max(1, candidates // 2)) for s in (0, 1)]
         else:  # independent half-masks, as the reference rule draws at importance ~ 0
             picks = rng.sample(range(len(row["masks"])), candidates)
-        losses = [row["mask_losses"][k] for k in picks]
+        if probe_rows is None:
+            losses = [row["mask_losses"][k] for k in picks]
+        else:
+            losses = [statistics.fmean(row["mask_row_losses"][k][:probe_rows]) for k in picks]
         kept = [row["masks"][k] for k in picks]
         value = [math.exp(-x) for x in losses]
         mean = statistics.fmean(value)
@@ -144,7 +168,7 @@ def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidat
     return imp
 
 
-def analyse(data: dict, replays: int) -> dict:
+def analyse(data: dict, replays: int, probe_rows: list[int] = ()) -> dict:
     L, rows = data["layers"], data["rows"]
     d = [[r["single"][i] - r["base"] for i in range(L)] for r in rows]  # (B, L) loss increase when i suppressed
     oracle = [statistics.fmean(col) for col in zip(*d)]
@@ -195,6 +219,16 @@ def analyse(data: dict, replays: int) -> dict:
             corr = [pearson(replay(data, est, k, rng), oracle) for _ in range(replays)]
             corr = [c for c in corr if not math.isnan(c)]
             table[f"{est}@{k}"] = (statistics.fmean(corr), statistics.stdev(corr))
+    if probe_rows and "mask_row_losses" not in rows[0]:
+        print("(no per-row losses in this JSON, collected before --probe-rows: no rows estimators)")
+    elif probe_rows:
+        for est in ("reference", "zscore"):
+            for n in probe_rows:
+                rng = random.Random(0)  # the same draws for every n: paired
+                for k in (4, 16, 64):
+                    corr = [pearson(replay(data, est, k, rng, probe_rows=n), oracle) for _ in range(replays)]
+                    corr = [c for c in corr if not math.isnan(c)]
+                    table[f"{est}/rows={n}@{k}"] = (statistics.fmean(corr), statistics.stdev(corr))
     out["estimator_corr_with_oracle"] = table
     return out
 
@@ -209,6 +243,8 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--out", default=None, help="JSON of the measurements (default results/importance_study_s{seed}_t{steps}.json)")
     parser.add_argument("--analyse-only", action="store_true")
+    parser.add_argument("--probe-rows", type=int, nargs="*", default=[],
+                        help="also replay the half-mask estimators with the losses of the first k rows only")
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     args = parser.parse_args()
     out = Path(args.out or HERE / "results" / f"importance_study_s{args.seed}_t{args.train_steps}.json")
@@ -217,14 +253,14 @@ def main() -> None:
     else:
         data = collect(args)
         out.write_text(json.dumps(data))
-    report = analyse(data, args.replays)
+    report = analyse(data, args.replays, args.probe_rows)
     for key, value in report.items():
         if isinstance(value, list):
             print(f"{key}: [{', '.join(f'{v:+.4f}' for v in value)}]")
         elif isinstance(value, dict):
             print(f"{key}:")
             for k, (m, s) in value.items():
-                print(f"  {k:16s} {m:+.2f} +- {s:.2f}")
+                print(f"  {k:22s} {m:+.2f} +- {s:.2f}")
         else:
             print(f"{key}: {value}")
 

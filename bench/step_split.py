@@ -17,6 +17,7 @@ the backward cut skips a larger share of the blocks than on SmolLM2's 30.
     python bench/step_split.py                      # SmolLM2, 128 tokens, batch 8
     python bench/step_split.py --seq 512 --batch 2
     python bench/step_split.py --model gpt2         # 1024 tokens, batch 1
+    python bench/step_split.py --probe-rows 2       # IST probing 2 of the batch's 8 rows
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--probe-interval", type=int, default=10)
     parser.add_argument("--active-layers", type=float, default=0.25)
+    parser.add_argument("--probe-rows", type=lambda v: float(v) if "." in v else int(v), nargs="+", default=[1.0],
+                        help="IST's probe_rows: an int count of the batch's rows, or a float fraction (default 1.0: "
+                             "all); several values give one IST arm each (ist, ist@rows), timed in turn")
+    parser.add_argument("--random", action="store_true",
+                        help="also time policy='random' (no probes), for IST/random")
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "gpt2", "tiny"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -63,7 +69,7 @@ def main() -> None:
         state = base.state_dict()
         settings = argparse.Namespace(model="gpt2", rank=32, dtype="fp32", device=args.device, checkpointing=False)
         lora, ist_model = (setup("lora", state, settings)[0] for _ in range(2))  # r=32, dropout 0.05, as memory.py
-        del base, state
+        random_model = setup("lora", state, settings)[0] if args.random else None
         lora_targets = "c_attn+c_proj+c_fc, r=32"
     elif args.model == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -85,8 +91,16 @@ def main() -> None:
 
     arms = {}
     arms["lora"] = (lora, torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0))
-    arms["ist"] = (ist_model, ISTAdamW(ist_model, lr=1e-4, active_layers=args.active_layers,
-                                      probe_interval=args.probe_interval, seed=0))
+    for k, rows in enumerate(args.probe_rows):
+        model = ist_model if k == 0 else add_lora(base, 8, seed=0) if args.model != "gpt2" else setup(
+            "lora", state, settings)[0]
+        arms["ist" if k == 0 else f"ist@{rows}"] = (model, ISTAdamW(
+            model, lr=1e-4, active_layers=args.active_layers, probe_interval=args.probe_interval, probe_rows=rows,
+            seed=0))
+    if args.random:
+        random_model = random_model if args.model == "gpt2" else add_lora(base, 8, seed=0)
+        arms["random"] = (random_model, ISTAdamW(random_model, lr=1e-4, active_layers=args.active_layers,
+                                                 policy="random", seed=0))
     times: dict[str, dict[str, list[float]]] = {a: {"forward": [], "backward": [], "step": [], "probe_step": [], "whole": []}
                                                  for a in arms}
     total_rounds = args.warmup + args.rounds
@@ -95,7 +109,7 @@ def main() -> None:
             ids = batches[round_ % len(batches)]
             loss, forward = timed(lambda: model(input_ids=ids, labels=ids).loss)
             _, backward = timed(loss.backward)
-            probe = isinstance(opt, ISTAdamW) and (opt.num_steps + 1) % args.probe_interval == 0
+            probe = arm.startswith("ist") and (opt.num_steps + 1) % args.probe_interval == 0
             _, step = timed(opt.step)
             opt.zero_grad(set_to_none=True)
             if round_ >= args.warmup or probe:  # probe steps are rare: keep every one
@@ -106,15 +120,16 @@ def main() -> None:
                     times[arm]["whole"].append(forward + backward + step)
 
     print(conditions(model=args.model, seq=args.seq, batch=args.batch, lora_targets=lora_targets,
-                     active_layers=args.active_layers, probe_interval=args.probe_interval, rounds=args.rounds))
-    print(f"{'arm':6s} {'forward':>8s} {'backward':>8s} {'optim':>8s} {'probe/round':>11s} {'amortised':>9s} {'total':>8s} {'vs lora':>7s}")
+                     active_layers=args.active_layers, probe_interval=args.probe_interval, probe_rows=args.probe_rows,
+                     rounds=args.rounds))
+    print(f"{'arm':8s} {'forward':>8s} {'backward':>8s} {'optim':>8s} {'probe/round':>11s} {'amortised':>9s} {'total':>8s} {'vs lora':>7s}")
     totals = {}
     for arm, parts in times.items():
         f, b, s = (statistics.median(parts[k]) for k in ("forward", "backward", "step"))
         probe = statistics.median(parts["probe_step"]) - s if parts["probe_step"] else 0.0
         amortised = probe / args.probe_interval
         totals[arm] = f + b + s + amortised
-        print(f"{arm:6s} {f:8.3f} {b:8.3f} {s:8.3f} {probe:11.3f} {amortised:9.3f} {totals[arm]:8.3f} "
+        print(f"{arm:8s} {f:8.3f} {b:8.3f} {s:8.3f} {probe:11.3f} {amortised:9.3f} {totals[arm]:8.3f} "
               f"{totals[arm] / totals.get('lora', totals[arm]):7.2f}")
     print("seconds, medians; probe/round: one probe round (its opt.step() minus an ordinary one); amortised: "
           f"over probe_interval={args.probe_interval}")
@@ -128,6 +143,10 @@ def main() -> None:
           + "; plus the amortised probes: " + ", ".join(
         f"{arm} {whole[arm] + amortised[arm]:.3f} s ({(whole[arm] + amortised[arm]) / whole['lora']:.2f}x)"
         for arm in whole))
+    for arm in (a for a in whole if a.startswith("ist") and "random" in whole):
+        ist = whole[arm] + amortised[arm]
+        print(f"{arm} with amortised probes / random: {ist / (whole['random'] + amortised['random']):.2f}x "
+              f"(sum of part medians: {totals[arm] / totals['random']:.2f}x)")
 
 
 if __name__ == "__main__":

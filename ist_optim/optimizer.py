@@ -52,7 +52,16 @@ from .eviction import STATE_POLICIES, StateEvictor
 from .hooks import ModelHooks, detach_existing_hooks
 from .kernels import use_triton
 from .layers import LayerMap, discover_layers
-from .probes import PROBE_MODES, LossFn, ProbeLossMissing, has_loss_field, hf_causal_lm_loss, probe_losses
+from .probes import (
+    PROBE_MODES,
+    LossFn,
+    ProbeLossMissing,
+    check_probe_rows,
+    has_loss_field,
+    hf_causal_lm_loss,
+    probe_losses,
+    take_rows,
+)
 from .policies import (
     CKALayers,
     FixedLayers,
@@ -103,6 +112,20 @@ class IST(Optimizer):
             ``probe_layers=1``); see :mod:`ist_optim.scheduler`.
         probe_mode: ``"sequential"`` (default) or ``"batched"``; see
             :mod:`ist_optim.probes`.
+        probe_rows: how much of the captured batch a probe round runs on: an
+            int count of rows, or a float fraction of the batch's rows
+            (``max(1, round(f * rows))``); default ``1.0``, every row (the
+            paper's and the reference code's probe). The *first* rows are
+            taken (a shuffled loader makes them a random subset); an int larger
+            than a batch takes all of it. Every tensor of the captured forward's
+            inputs and of :meth:`set_loss_inputs` whose dim 0 is the batch size
+            (dim 0 of the first tensor argument) is cut alike, so the batch
+            must be on dim 0, as for ``probe_mode="batched"`` (which then
+            stacks the candidates' copies of the cut rows). A probe round costs
+            about ``probe_rows / rows`` of a full one; the reward is then
+            measured on fewer rows (noisier). In a distributed run each rank
+            probes the first rows of its own batch (a count is per rank) and
+            the losses are averaged over ranks as before.
         kernels: for the probe passes: ``"auto"`` (default: the torch path everywhere, until the
             Triton kernels have passed ``bench/gpu_check.py`` on a real GPU), ``"triton"`` (the fused
             in-place kernel for peft LoRA ``Linear`` adapters on CUDA) or ``"torch"``; see
@@ -180,6 +203,7 @@ class IST(Optimizer):
         rule: str = "reference",
         reward: str = "difference",
         probe_mode: str = "sequential",
+        probe_rows: int | float = 1.0,
         kernels: str = "auto",
         loss_fn: LossFn | None = None,
         layers: nn.ModuleList | Sequence[nn.Module] | None = None,
@@ -205,6 +229,7 @@ class IST(Optimizer):
             raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
         if probe_mode not in PROBE_MODES:
             raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
+        probe_rows = check_probe_rows(probe_rows)  # numpy numbers -> Python numbers (checkpointable)
         if reward not in REWARDS:  # checked here too: policies other than "ist" build no scheduler
             raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
         if loss_fn is not None and not callable(loss_fn):
@@ -326,6 +351,7 @@ class IST(Optimizer):
             rule=rule,
             reward=reward,
             probe_mode=probe_mode,
+            probe_rows=probe_rows,
             kernels=kernels,
             state_policy=state_policy,
             backward_cut=backward_cut,
@@ -576,13 +602,15 @@ class IST(Optimizer):
             )
         else:
             beta = torch.where(kept, 1.0, self.options["suppression"]).double()
+            self._check_loss_inputs(loss_inputs)
+            batch, loss_inputs = take_rows(self.hooks.probe_batch, loss_inputs, self.options["probe_rows"])
             self.hooks.probing = True
             try:
                 losses = probe_losses(
                     unwrap_model(self.model),  # not through DDP's forward: no buffer broadcast per probe
                     self.adapters,
                     beta,
-                    batch=self.hooks.probe_batch,
+                    batch=batch,
                     loss_fn=self._loss_fn_with_inputs(loss_inputs),
                     mode=self.options["probe_mode"],
                     kernels=self.options["kernels"],
@@ -602,15 +630,17 @@ class IST(Optimizer):
         if losses is not None:
             self.scheduler.update(kept, losses)
 
-    def _loss_fn_with_inputs(self, extra: dict[str, Any]) -> LossFn | None:
-        if not extra or self.loss_fn is None:
-            return self.loss_fn
+    def _check_loss_inputs(self, extra: dict[str, Any]) -> None:
         clash = sorted(set(extra) & set(self.hooks.probe_batch[1]))
-        if clash:
+        if clash and self.loss_fn is not None:
             raise ValueError(
                 f"set_loss_inputs: {clash} are also keyword arguments of the model's forward; "
                 "register them under other names"
             )
+
+    def _loss_fn_with_inputs(self, extra: dict[str, Any]) -> LossFn | None:
+        if not extra or self.loss_fn is None:
+            return self.loss_fn
         loss_fn = self.loss_fn
         return lambda output, *args, **kwargs: loss_fn(output, *args, **kwargs, **extra)
 
@@ -731,7 +761,7 @@ OUTSIDE_LAYERS = ("train", "freeze")
 _CHECKPOINTED_OPTIONS = (
     "policy",
     "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule", "reward",
-    "probe_mode", "state_policy", "backward_cut", "checkpoint_unselected", "seed", "outside_layers",
+    "probe_mode", "probe_rows", "state_policy", "backward_cut", "checkpoint_unselected", "seed", "outside_layers",
 )
 
 

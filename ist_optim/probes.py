@@ -5,6 +5,12 @@ single eval forward, works with any loss). ``batched`` stacks the ``N_c``
 candidates along dim 0 of one forward, each copy of the batch with its own
 per-layer beta (fewer, larger kernels; logits ``N_c`` times larger). Both must
 give the same losses; the tests check that they do.
+
+Cheaper rounds without changing what they measure: the forwards run under
+``torch.inference_mode()`` (no autograd bookkeeping at all, not even version
+counters; the losses are the same bits as under ``no_grad``), and
+``probe_rows`` (:func:`take_rows`) probes on the first rows of the captured
+batch instead of all of them, every batch-shaped tensor sliced alike.
 """
 
 from __future__ import annotations
@@ -13,12 +19,18 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from .suppression import suppress
 
-__all__ = ["PROBE_MODES", "ProbeBatch", "ProbeLossMissing", "probe_losses", "eval_mode", "hf_causal_lm_loss"]
+__all__ = [
+    "PROBE_MODES", "ProbeBatch", "ProbeLossMissing", "probe_losses", "eval_mode", "hf_causal_lm_loss", "check_probe_rows",
+    "probe_row_count", "take_rows",
+]
 
 PROBE_MODES = ("sequential", "batched")
 
@@ -42,12 +54,57 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _batch_size(batch: ProbeBatch) -> int:
+def _batch_size(batch: ProbeBatch, why: str = "batched probes") -> int:
     args, kwargs = batch
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
-    raise RuntimeError("batched probes need at least one tensor argument with a batch dim 0")
+    raise RuntimeError(f"{why} need at least one tensor argument with a batch dim 0")
+
+
+def check_probe_rows(value: Any) -> int | float:
+    """``probe_rows`` as a Python int count (>= 1) or float fraction in ``(0, 1]``; anything else raises."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"probe_rows must be an int count or a float fraction, but got {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        if int(value) < 1:
+            raise ValueError(f"Invalid probe_rows: {value} (an int count of rows must be >= 1)")
+        return int(value)
+    value = float(value)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"Invalid probe_rows: {value} (a float fraction of the batch's rows must lie in (0, 1])")
+    return value
+
+
+def probe_row_count(probe_rows: int | float, rows: int) -> int:
+    """Rows probed of a batch of ``rows``: an int count capped at ``rows``; a fraction ``f`` gives
+    ``max(1, floor(f * rows + 0.5))`` (as layer fractions are rounded), so ``1.0`` is every row."""
+    if isinstance(probe_rows, float):
+        return min(rows, max(1, math.floor(probe_rows * rows + 0.5)))
+    return min(rows, probe_rows)
+
+
+def take_rows(batch: ProbeBatch, extra: dict[str, Any], probe_rows: int | float) -> tuple[ProbeBatch, dict[str, Any]]:
+    """The first rows of a captured batch and of the loss inputs registered with it.
+
+    The batch size is dim 0 of the first tensor in ``batch`` (as for batched
+    probes); every tensor in ``batch`` and ``extra`` (nested in dicts, lists and
+    tuples too) whose dim 0 has that size is cut to its first
+    :func:`probe_row_count` rows; other values (a ``(1, T)`` position tensor,
+    a label-word list, numbers) pass unchanged. A tensor that only happens to
+    have that many entries on dim 0 is cut too, as for batched probes.
+
+    Returns ``(batch, extra)`` themselves when every row is kept (``probe_rows=1.0``
+    without looking at the batch at all).
+    """
+    if isinstance(probe_rows, float) and probe_rows == 1.0:
+        return batch, extra
+    rows = _batch_size(batch, why="probe_rows other than 1.0 (all rows)")
+    keep = probe_row_count(probe_rows, rows)
+    if keep == rows:
+        return batch, extra
+    first = lambda t: t[:keep]  # noqa: E731
+    return _map_rows(batch, first, rows), _map_rows(extra, first, rows)
 
 
 def _map_rows(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], rows: int) -> Any:
@@ -113,6 +170,9 @@ def hf_causal_lm_loss(model: nn.Module) -> Callable[..., torch.Tensor] | None:
     return lambda logits, labels: loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
 
 
+_no_autograd = torch.inference_mode  # the tests swap in torch.no_grad for the reference
+
+
 def probe_losses(
     model: nn.Module,
     adapters: Sequence[Sequence[nn.Module]],
@@ -124,14 +184,15 @@ def probe_losses(
     mode: str = "sequential",
     kernels: str = "auto",
 ) -> torch.Tensor:
-    """Loss of each candidate, the model in ``eval()`` mode and no grad.
+    """Loss of each candidate, the model in ``eval()`` mode and no grad (``inference_mode`` for a batch).
 
     Args:
         model: the model (its forward is called as in training).
         adapters: ``L`` lists of adapter modules.
         beta: ``(N_c, L)`` per-candidate, per-layer factor (1 kept, ``beta`` suppressed).
         batch: ``(args, kwargs)`` of a training forward; ignored when ``closure`` is given.
-        closure: returns the loss of a forward (called under ``torch.no_grad()``).
+        closure: returns the loss of a forward (called under ``torch.no_grad()``, not ``inference_mode``:
+            what a closure builds or keeps may meet autograd later).
         loss_fn: ``loss_fn(output, *args, **kwargs)``; default ``output.loss``.
         mode: ``"sequential"`` or ``"batched"`` (a closure always runs sequentially).
         kernels: ``"auto"``, ``"triton"`` or ``"torch"``: see :func:`~ist_optim.suppression.suppress`.
@@ -143,7 +204,11 @@ def probe_losses(
         raise ValueError(f"Invalid probe_mode: {mode!r} (expected one of {PROBE_MODES})")
     if batch is None and closure is None:
         raise ValueError("probe_losses needs a batch or a closure")
-    with eval_mode(model), torch.no_grad():
+    # inference_mode for the batch: the same kernels as no_grad (same bits), less bookkeeping per op. Its
+    # outputs (inference tensors) never leave this function; the inputs are the training forward's own
+    # tensors, read only. A closure's forwards keep no_grad: user code may keep what it computes.
+    no_autograd = torch.no_grad() if closure is not None else _no_autograd()
+    with eval_mode(model), no_autograd:
         if closure is not None or mode == "sequential":
             losses = []
             for row in beta:

@@ -159,6 +159,18 @@ def test_step_split_smoke(model):
     assert float(rows["lora"][-1]) == 1.0
 
 
+def test_step_split_times_probe_rows_arms_and_random():
+    out = run("step_split.py", "--model", "tiny", "--seq", "16", "--rounds", "4", "--warmup", "1", "--probe-interval",
+              "2", "--probe-rows", "1.0", "2", "--random")
+    rows = {}
+    for line in out.splitlines():  # the table's rows, not the summary lines after it
+        if line.split()[:1] in (["lora"], ["ist"], ["ist@2"], ["random"]):
+            rows.setdefault(line.split()[0], line.split()[1:])
+    assert set(rows) == {"lora", "ist", "ist@2", "random"}
+    assert float(rows["ist@2"][3]) > 0 and float(rows["random"][3]) == 0  # random has no probe rounds
+    assert "probe_rows=[1.0, 2]" in out and "ist@2 with amortised probes / random: " in out
+
+
 def test_quality_benchmark_keeps_estimator_options_apart(tmp_path):
     """A run with reward="standardized" / probe_layers=1 is a run of its own, resumed and tabled as its own group."""
     pytest.importorskip("matplotlib")
@@ -181,12 +193,17 @@ def test_quality_benchmark_keeps_estimator_options_apart(tmp_path):
 def test_importance_study_smoke(tmp_path):
     out_json = tmp_path / "study.json"
     out = run("importance_study.py", "--model", "tiny", "--train-steps", "6", "--batches", "3", "--masks", "2",
-              "--replays", "3", "--out", str(out_json))
+              "--replays", "3", "--out", str(out_json), "--probe-rows", "4")
     data = json.loads(out_json.read_text())
     assert len(data["rows"]) == 3 and len(data["rows"][0]["single"]) == data["layers"] == 4
     assert len(data["importance"]) == 1  # one probe round at probe_interval=5 in 6 steps
     for estimator in ("reference", "zscore", "antithetic", "lstsq", "single"):
         assert f"{estimator}@16" in out
+    assert "reference/rows=4@16" in out and "zscore/rows=4@64" in out
+    row = data["rows"][0]  # per-row losses of each half-mask: their mean is the probe's loss
+    assert len(row["mask_row_losses"]) == len(row["mask_losses"]) == 4 and len(row["mask_row_losses"][0]) == 16
+    for loss, per_row in zip(row["mask_losses"], row["mask_row_losses"]):
+        assert abs(sum(per_row) / len(per_row) - loss) < 1e-5
 
 
 def test_quality_benchmark_classifier_smoke(tmp_path):

@@ -38,7 +38,7 @@ IST_CONFIG_FIELDS = {
     f"ist_{name}": name
     for name in (
         "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule",
-        "reward", "probe_mode", "kernels", "state_policy", "backward_cut", "checkpoint_unselected", "seed",
+        "reward", "probe_mode", "probe_rows", "kernels", "state_policy", "backward_cut", "checkpoint_unselected", "seed",
         "check_consistency", "policy", "outside_layers",
     )
 }
@@ -68,6 +68,7 @@ else:
         ist_rule: str | None = None
         ist_reward: str | None = None
         ist_probe_mode: str | None = None
+        ist_probe_rows: int | float | None = None
         ist_kernels: str | None = None
         ist_state_policy: str | None = None
         ist_backward_cut: bool | None = None
