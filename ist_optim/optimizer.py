@@ -64,7 +64,6 @@ from .probes import (
 )
 from .policies import (
     CKALayers,
-    FixedLayers,
     GradNormLayers,
     LayerPolicy,
     LISALayers,
@@ -222,38 +221,17 @@ class IST(Optimizer):
             raise TypeError("optimizer is already an IST wrapper; wrap the inner optimizer once")
         _check_model(model)
         check_distributed_model(model)  # DDP/FSDP1 settings IST cannot train under
-        if check_consistency is not None and not isinstance(check_consistency, bool):
-            raise TypeError(f"check_consistency must be a bool or None, but got {type(check_consistency).__name__}")
-        probe_interval = _check_int(probe_interval, "probe_interval", "an int >= 0; 0 disables probes")
-        if isinstance(suppression, bool) or not isinstance(suppression, numbers.Real) or not 0.0 <= suppression <= 1.0:
-            raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
-        if probe_mode not in PROBE_MODES:
-            raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
-        probe_rows = check_probe_rows(probe_rows)  # numpy numbers -> Python numbers (checkpointable)
-        if reward not in REWARDS:  # checked here too: policies other than "ist" build no scheduler
-            raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
-        if kernels not in KERNEL_CHOICES:
-            raise ValueError(f"Invalid kernels: {kernels!r} (expected one of {KERNEL_CHOICES})")
-        if state_policy not in ("auto", *STATE_POLICIES):
-            raise ValueError(f"Invalid state_policy: {state_policy!r} (expected 'auto' or one of {STATE_POLICIES})")
-        for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
-            if not isinstance(flag, bool) and not (name == "backward_cut" and flag is None):
-                raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
-        if not isinstance(policy, LayerPolicy) and policy not in POLICIES:
-            raise ValueError(f"Invalid policy: {policy!r} (expected one of {POLICIES} or a LayerPolicy)")
-        if outside_layers not in OUTSIDE_LAYERS:
-            raise ValueError(f"Invalid outside_layers: {outside_layers!r} (expected one of {OUTSIDE_LAYERS})")
-        probes_enabled = _check_int(num_probes, "num_probes", "an int >= 0") > 0 and probe_interval > 0
-        probes_enabled = probes_enabled and (policy == "ist" or getattr(policy, "uses_probes", False))
-        if probes_enabled and suppression == 1.0:
-            raise ValueError(
-                "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
-                "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
-            )
-        seed = check_seed(seed)
-        seed = shared_seed(torch.initial_seed()) if seed is None else seed
+        options = _validated_options(
+            active_layers=active_layers, probe_layers=probe_layers, num_probes=num_probes, policy=policy,
+            probe_interval=probe_interval, suppression=suppression, importance_lr=importance_lr, rule=rule,
+            reward=reward, probe_mode=probe_mode, probe_rows=probe_rows, kernels=kernels, state_policy=state_policy,
+            backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected, seed=seed,
+            check_consistency=check_consistency, outside_layers=outside_layers, loss_fn=loss_fn,
+        )
+        probes_enabled = options.pop("probes_enabled")
+        if options["seed"] is None:  # rank 0's torch.initial_seed(), broadcast once in a distributed run
+            options["seed"] = shared_seed(torch.initial_seed())
+        probe_mode, kernels = options["probe_mode"], options["kernels"]
         inner = unwrap_model(model)  # the module inside a DDP wrapper
         if probes_enabled and probe_mode == "batched" and loss_fn is None and hf_causal_lm_loss(inner) is None:
             raise ValueError(
@@ -275,31 +253,12 @@ class IST(Optimizer):
                 "before building the optimizer"
             )
         self.layer_map: LayerMap = discover_layers(inner, trainable, layers=layers, layer_of=layer_of)
-        self.scheduler: ImportanceScheduler | LayerPolicy
-        policy_name = policy if isinstance(policy, str) else type(policy).__name__
-        if policy == "cka":
-            policy = CKALayers(active_layers)
-        elif policy == "gradnorm":
-            policy = GradNormLayers(active_layers, seed=seed)
-        elif policy == "lisa":
-            policy = LISALayers(active_layers, interval_steps=20, seed=seed)
-        elif policy == "safe":
-            policy = SafeImportance(active_layers, seed=seed)
-        if isinstance(policy, LayerPolicy):
-            policy.bind(len(self.layer_map))
-            self.scheduler = policy
-        else:
-            self.scheduler = ImportanceScheduler(
-                len(self.layer_map),
-                active_layers=active_layers,
-                probe_layers=probe_layers,
-                num_probes=num_probes if policy == "ist" else 0,  # "random": importance stays 0, draws are uniform
-                importance_lr=importance_lr,
-                rule=rule,
-                seed=seed,
-                reward=reward,
-            )
-        if isinstance(optimizer, torch.optim.LBFGS) and not _trains_every_layer(self.scheduler, len(self.layer_map)):
+        # one interface for every policy, the bandit ("ist", "random") included
+        self.scheduler: LayerPolicy = (
+            policy if isinstance(policy, LayerPolicy) else _named_policy(options, len(self.layer_map))
+        )
+        self.scheduler.bind(len(self.layer_map))
+        if isinstance(optimizer, torch.optim.LBFGS) and not self.scheduler.trains_every_layer:
             raise ValueError(
                 "torch.optim.LBFGS keeps one flat curvature history over all its parameters and moves every "
                 "parameter along it each step, also those without a gradient, so it would update layers IST froze "
@@ -337,32 +296,8 @@ class IST(Optimizer):
         # GradScaler hands grad_scale/found_inf to optimizers that unscale in their step (fused AdamW).
         self._step_supports_amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
         self._inner_takes_closure = _step_takes_closure(optimizer)
-        if state_policy == "auto":
-            # "keep" on CUDA too: offload's copies have never run on a GPU (bench/gpu_check.py checks them)
-            state_policy = "keep"
-        self.options = dict(
-            active_layers=active_layers,
-            probe_layers=probe_layers,
-            num_probes=int(num_probes),
-            policy=policy_name,
-            probe_interval=probe_interval,
-            suppression=float(suppression),
-            importance_lr=float(importance_lr),
-            rule=rule,
-            reward=reward,
-            probe_mode=probe_mode,
-            probe_rows=probe_rows,
-            kernels=kernels,
-            state_policy=state_policy,
-            backward_cut=backward_cut,
-            checkpoint_unselected=checkpoint_unselected,
-            seed=seed,
-            check_consistency=check_consistency,
-            outside_layers=outside_layers,
-        )
-        for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
-            value = self.options[key]
-            self.options[key] = int(value) if as_int(value) is not None else float(value)
+        self.options = options  # validated and normalised once (_validated_options), saved with every checkpoint
+        state_policy = options["state_policy"]
         self.loss_fn = loss_fn
         self._loss_inputs: dict[str, Any] = {}  # set_loss_inputs(), for the coming step's probes
         self.num_steps = 0
@@ -379,8 +314,7 @@ class IST(Optimizer):
         if self.probes_enabled and loss_fn is None:
             self.hooks.output_check = _require_loss_field
         self.options["backward_cut"] = self.hooks.backward_cut  # None resolved
-        if isinstance(self.scheduler, LayerPolicy):
-            self.scheduler.attach(self._policy_context())
+        self.scheduler.attach(self._policy_context())
         self._set_selection(self.scheduler.sample_active())
         self.distributed = DistributedSupport(self, check_consistency)
         _remove_hooks_when_collected(self)
@@ -559,8 +493,7 @@ class IST(Optimizer):
         self.num_steps += 1
         if self.probes_enabled and self.num_steps % self.options["probe_interval"] == 0:
             self._update_importance(loss_inputs)
-        if isinstance(self.scheduler, LayerPolicy):
-            self.scheduler.after_step(self._policy_context())
+        self.scheduler.after_step(self._policy_context())
         self._set_selection(self.scheduler.sample_active())
         self.distributed.after_step(self)  # every rank must now hold the same selection and importance
         return loss
@@ -572,7 +505,7 @@ class IST(Optimizer):
                     p.grad = None  # stale or zeroed grads would still move AdamW (momentum, decay)
         for p in self._frozen_outside:
             p.grad = None  # outside_layers="freeze": even if someone turned requires_grad back on
-        if observe and getattr(self.scheduler, "wants_gradient_norms", False):
+        if observe and self.scheduler.wants_gradient_norms:
             # Before the update, as GRASS measures; under DDP the grads are already all-reduced.
             self.scheduler.observe_gradients(layer_grad_norms(self.layer_map.params))
 
@@ -785,18 +718,106 @@ def _replace_earlier_hooks(model: nn.Module) -> None:
         )
 
 
+def _validated_options(
+    *, active_layers: Any, probe_layers: Any, num_probes: Any, policy: Any, probe_interval: Any, suppression: Any,
+    importance_lr: Any, rule: Any, reward: Any, probe_mode: Any, probe_rows: Any, kernels: Any, state_policy: Any,
+    backward_cut: Any, checkpoint_unselected: Any, seed: Any, check_consistency: Any, outside_layers: Any,
+    loss_fn: Any,
+) -> dict[str, Any]:
+    """IST's options checked (clear errors, before anything is changed) and normalised to Python numbers and
+    strings, once: what ``IST.options`` holds and every checkpoint carries. The checks that need the model (layer
+    counts, adapters, the loss) stay in ``IST.__init__``; ``probes_enabled`` is returned beside the options.
+    """
+    if check_consistency is not None and not isinstance(check_consistency, bool):
+        raise TypeError(f"check_consistency must be a bool or None, but got {type(check_consistency).__name__}")
+    probe_interval = _check_int(probe_interval, "probe_interval", "an int >= 0; 0 disables probes")
+    if isinstance(suppression, bool) or not isinstance(suppression, numbers.Real) or not 0.0 <= suppression <= 1.0:
+        raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
+    if probe_mode not in PROBE_MODES:
+        raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
+    probe_rows = check_probe_rows(probe_rows)  # numpy numbers -> Python numbers (checkpointable)
+    if reward not in REWARDS:  # checked here too: policies other than "ist" build no scheduler
+        raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"Invalid kernels: {kernels!r} (expected one of {KERNEL_CHOICES})")
+    if state_policy not in ("auto", *STATE_POLICIES):
+        raise ValueError(f"Invalid state_policy: {state_policy!r} (expected 'auto' or one of {STATE_POLICIES})")
+    for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
+        if not isinstance(flag, bool) and not (name == "backward_cut" and flag is None):
+            raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
+    if not isinstance(policy, LayerPolicy) and policy not in POLICIES:
+        raise ValueError(f"Invalid policy: {policy!r} (expected one of {POLICIES} or a LayerPolicy)")
+    if outside_layers not in OUTSIDE_LAYERS:
+        raise ValueError(f"Invalid outside_layers: {outside_layers!r} (expected one of {OUTSIDE_LAYERS})")
+    num_probes = _check_int(num_probes, "num_probes", "an int >= 0")
+    probes_enabled = num_probes > 0 and probe_interval > 0
+    probes_enabled = probes_enabled and (policy == "ist" or getattr(policy, "uses_probes", False))
+    if probes_enabled and suppression == 1.0:
+        raise ValueError(
+            "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
+            "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
+        )
+    if state_policy == "auto":
+        state_policy = "keep"  # on CUDA too: offload's copies have never run on a GPU (bench/gpu_check.py checks them)
+    options: dict[str, Any] = dict(
+        active_layers=active_layers,
+        probe_layers=probe_layers,
+        num_probes=num_probes,
+        policy=policy if isinstance(policy, str) else type(policy).__name__,
+        probe_interval=probe_interval,
+        suppression=float(suppression),
+        importance_lr=importance_lr,
+        rule=rule,
+        reward=reward,
+        probe_mode=probe_mode,
+        probe_rows=probe_rows,
+        kernels=kernels,
+        state_policy=state_policy,
+        backward_cut=backward_cut,
+        checkpoint_unselected=checkpoint_unselected,
+        seed=check_seed(seed),
+        check_consistency=check_consistency,
+        outside_layers=outside_layers,
+    )
+    for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
+        value = options[key]
+        options[key] = int(value) if as_int(value) is not None else float(value)
+    if isinstance(importance_lr, numbers.Real) and not isinstance(importance_lr, bool):
+        options["importance_lr"] = float(importance_lr)  # range-checked by the bandit, as when used alone
+    options["probes_enabled"] = probes_enabled
+    return options
+
+
+def _named_policy(options: dict[str, Any], num_layers: int) -> LayerPolicy:
+    """The policy a name stands for, built from IST's options."""
+    name, count, seed = options["policy"], options["active_layers"], options["seed"]
+    if name == "cka":
+        return CKALayers(count)
+    if name == "gradnorm":
+        return GradNormLayers(count, seed=seed)
+    if name == "lisa":
+        return LISALayers(count, interval_steps=20, seed=seed)
+    if name == "safe":
+        return SafeImportance(count, seed=seed)
+    return ImportanceScheduler(  # "ist", and "random": no probes, importance stays 0, the draws are uniform
+        num_layers,
+        active_layers=count,
+        probe_layers=options["probe_layers"],
+        num_probes=options["num_probes"] if name == "ist" else 0,
+        importance_lr=options["importance_lr"],
+        rule=options["rule"],
+        seed=seed,
+        reward=options["reward"],
+    )
+
+
 def _check_int(value: Any, name: str, need: str) -> int:
     count = as_int(value)
     if count is None or count < 0:
         raise ValueError(f"Invalid {name}: {value} (need {need})")
     return count
-
-
-def _trains_every_layer(scheduler: ImportanceScheduler | LayerPolicy, num_layers: int) -> bool:
-    """True when the selection is every layer at every step."""
-    if isinstance(scheduler, ImportanceScheduler):
-        return scheduler.num_active == num_layers
-    return isinstance(scheduler, FixedLayers) and scheduler.layers == list(range(num_layers))
 
 
 def _step_takes_closure(optimizer: Optimizer) -> bool:

@@ -49,6 +49,7 @@ OwLore's outlier ratios, see :func:`outlier_ratios`), :class:`LayerwiseCKA`
 :class:`GradNormLayers` (``"gradnorm"``).
 """
 
+from .bandit import ImportanceScheduler
 from .base import LayerPolicy, PolicyContext
 from .cka import CKALayers, LayerwiseCKA, linear_cka
 from .gradient import GradNormLayers, SafeImportance, layer_grad_norms, systematic_sample
@@ -56,6 +57,7 @@ from .outliers import outlier_ratios
 from .static import FixedLayers, LISALayers, WeightedLayers
 
 __all__ = [
+    "ImportanceScheduler",
     "LayerPolicy",
     "PolicyContext",
     "FixedLayers",

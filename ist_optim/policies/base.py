@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..probes import ProbeBatch, eval_mode
-from ..scheduler import check_seed
+from .._checks import check_seed
 
 
 @dataclass
@@ -76,6 +76,11 @@ class LayerPolicy:
     def __init__(self) -> None:
         self.num_layers = 0
         self.active: list[int] = []
+
+    @property
+    def trains_every_layer(self) -> bool:
+        """True when the policy selects every layer at every step (IST then wraps optimizers such as LBFGS)."""
+        return self.num_layers > 0 and getattr(self, "num_active", None) == self.num_layers
 
     def bind(self, num_layers: int) -> None:
         if self.num_layers and self.num_layers != num_layers:

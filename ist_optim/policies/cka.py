@@ -15,7 +15,7 @@ from torch import nn
 from ..distributed import reduce_probe_losses
 from ..hooks import _hidden_state, _replace_hidden
 from ..probes import ProbeBatch
-from ..scheduler import as_int, resolve_layer_count
+from .._checks import as_int, resolve_layer_count
 from .base import LayerPolicy, PolicyContext, _require
 
 

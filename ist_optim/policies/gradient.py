@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..scheduler import as_int, resolve_layer_count
+from .._checks import as_int, resolve_layer_count
 from .base import PolicyContext, _require, _SeededPolicy
 
 

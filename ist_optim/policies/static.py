@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..scheduler import as_int, resolve_layer_count
+from .._checks import as_int, resolve_layer_count
 from .base import LayerPolicy, PolicyContext, _require, _SeededPolicy
 
 
@@ -31,6 +31,10 @@ class FixedLayers(LayerPolicy):
         super().bind(num_layers)
         if self.layers[0] < 0 or self.layers[-1] >= num_layers:
             raise ValueError(f"Invalid layers: {self.layers} (the model has {num_layers} layers, 0..{num_layers - 1})")
+
+    @property
+    def trains_every_layer(self) -> bool:  # type: ignore[override]
+        return self.layers == list(range(self.num_layers))
 
     def sample_active(self) -> list[int]:
         self.active = list(self.layers)
