@@ -295,6 +295,8 @@ class CKALayers(LayerPolicy):
 
 def _as_probe_batch(item: Any, device: torch.device | None) -> ProbeBatch:
     """A calibration batch as ``(args, kwargs)``: a mapping is keywords, a tensor one argument, a tuple arguments."""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(item, Mapping):
         args, kwargs = (), dict(item)
     elif isinstance(item, torch.Tensor):
