@@ -183,7 +183,8 @@ class IST(Optimizer):
 
     Attributes:
         optimizer: the wrapped optimizer.
-        scheduler: the :class:`~ist_optim.ImportanceScheduler`.
+        scheduler: the selection policy, a :class:`~ist_optim.policies.LayerPolicy` (the
+            :class:`~ist_optim.ImportanceScheduler` for ``"ist"`` and ``"random"``).
         layer_names: qualified names of the ``L`` layers.
         active_layers: sorted indices of the layers trained in the current step.
     """
