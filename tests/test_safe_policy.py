@@ -111,6 +111,24 @@ def test_potentials_are_the_moving_average_of_the_b_gradients_by_hand():
     assert policy.updates.tolist() == updates
 
 
+@pytest.mark.parametrize("coverage", [4, 5, 7])
+def test_the_coverage_bound_holds_at_its_tightest_settings(coverage):
+    """coverage = ceil(L/k) is round-robin; just above it, with two layers taking every sampled slot, the others
+    are trained only when forced, and must all fit in the k slots."""
+    L, k = 8, 2
+    policy = SafeImportance(k, gamma=0.01, eta=5.0, coverage=coverage, seed=1)
+    policy.bind(L)
+    last = [-1] * L
+    norms = torch.tensor([10.0, 5.0] + [1e-3] * (L - 2), dtype=torch.float64)
+    for step in range(200):
+        for layer in policy.sample_active():
+            assert step - last[layer] <= coverage, (step, layer, last)
+            last[layer] = step
+        policy.observe_gradients(norms)
+        policy.after_step(None)
+    assert all(200 - 1 - t <= coverage for t in last)
+
+
 def test_safe_by_name_and_bad_settings():
     opt = ISTAdamW(tiny_peft_llama(), lr=1e-2, policy="safe", active_layers=2)
     assert isinstance(opt.scheduler, SafeImportance) and opt.scheduler.num_active == 2

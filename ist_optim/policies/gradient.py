@@ -242,8 +242,13 @@ class SafeImportance(_SeededPolicy):
       variance of optimal importance sampling over uniform's: the most any
       rule can gain), the draw is uniform (Katharopoulos and Fleuret,
       arXiv 1803.00942: importance only above a threshold).
-    * **Forced coverage**: a layer not trained for ``coverage`` steps is
-      trained in the next step (the least recently used first, MISA's rule).
+    * **Forced coverage**: a layer that would otherwise go ``coverage`` steps
+      untrained trains in the next step (the least recently used first,
+      MISA's rule). This never needs more than ``k`` slots: the layers idle for
+      ``coverage - 1`` steps at a step were all trained together in one
+      earlier step (``<= k`` of them, none older, by induction), or never,
+      and the first pass trains every layer within ``ceil(L / k) <= coverage``
+      steps, ``k`` a step.
 
     What this guarantees, by construction: every layer trains with
     probability ``>= gamma * k / L`` at every step (``gamma`` times uniform's),
@@ -258,8 +263,8 @@ class SafeImportance(_SeededPolicy):
         gamma: uniform share in ``(0, 1]`` (1: uniform, LISA's draw).
         eta: softmax sharpness ``>= 0`` on the mean-normalised potentials.
         decay: moving-average factor in ``[0, 1)``.
-        coverage: most steps a layer may go untrained (``>= ceil(L / k)``);
-            default ``None``: ``2 * ceil(L / k)``.
+        coverage: most steps between two trainings of a layer (``>= ceil(L / k)``;
+            ``ceil(L / k)`` is round-robin); default ``None``: ``2 * ceil(L / k)``.
         min_gain: the draw is uniform while ``1 - rho < min_gain``.
         seed: seed of the policy's own generator; ``None`` (default): IST's ``seed`` option.
 
@@ -366,7 +371,9 @@ class SafeImportance(_SeededPolicy):
     def sample_active(self) -> list[int]:
         L, k = self.num_layers, self.num_active
         forced = sorted(range(L), key=lambda i: (-int(self.age[i]), i))
-        forced = [i for i in forced if int(self.age[i]) >= self.coverage - 1][:k]  # would pass `coverage` untrained
+        # The layers idle for coverage - 1 steps now were all trained in one same step (or never, in the first
+        # pass, which trains k a step): never more than k, so the cut [:k] drops none of them (see the docstring).
+        forced = [i for i in forced if int(self.age[i]) >= self.coverage - 1][:k]
         unseen = [i for i in range(L) if int(self.updates[i]) == 0 and i not in forced]
         chosen = list(forced)
         if unseen and len(chosen) < k:  # coverage first: the layers never trained, uniformly
