@@ -315,7 +315,11 @@ class IST(Optimizer):
         if self.probes_enabled and loss_fn is None:
             self.hooks.output_check = _require_loss_field
         self.options["backward_cut"] = self.hooks.backward_cut  # None resolved
-        self.scheduler.attach(self._policy_context())
+        try:
+            self.scheduler.attach(self._policy_context())
+        except BaseException:
+            self.hooks.remove()  # a policy refusing the model (a bad calibration batch) leaves it as it was
+            raise
         self._set_selection(self.scheduler.sample_active())
         self.distributed = DistributedSupport(self, check_consistency)
         _remove_hooks_when_collected(self)
@@ -784,9 +788,17 @@ def _validated_options(
     )
     for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
         value = options[key]
-        options[key] = int(value) if as_int(value) is not None else float(value)
-    if isinstance(importance_lr, numbers.Real) and not isinstance(importance_lr, bool):
-        options["importance_lr"] = float(importance_lr)  # range-checked by the bandit, as when used alone
+        if as_int(value) is not None:
+            options[key] = as_int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            options[key] = float(value)  # its range is checked against the layer count by the policy
+        else:
+            raise TypeError(f"{key} must be an int count or a float fraction, but got {type(value).__name__}")
+    if isinstance(importance_lr, bool) or not isinstance(importance_lr, numbers.Real) or not (
+        0.0 <= float(importance_lr) < math.inf
+    ):
+        raise ValueError(f"Invalid importance_lr: {importance_lr} (need a finite float >= 0)")
+    options["importance_lr"] = float(importance_lr)
     options["probes_enabled"] = probes_enabled
     return options
 

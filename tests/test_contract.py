@@ -576,3 +576,18 @@ def test_torch_compile_trains_the_watched_parameters_like_eager():
 
     for got, expected in zip(run(True), run(False)):
         torch.testing.assert_close(got, expected)
+
+
+def test_an_unselected_parameter_turned_on_is_off_again_at_once():
+    """peft's disable_adapter() exit turns every adapter on; a checkpointed block recomputed in this step's
+    backward must see the flags its forward saw, so the write is undone at once, not at the next forward."""
+    model = tiny_peft_llama()
+    opt = ISTAdamW(model, lr=1e-2, active_layers=1)
+    off = [p for i, ps in enumerate(opt.layer_map.params) if i not in opt.active_layers for p in ps]
+    on = [p for i in opt.active_layers for p in opt.layer_map.params[i]]
+    assert off and not any(p.requires_grad for p in off)
+    off[0].requires_grad_(True)
+    off[1].requires_grad = True
+    assert not off[0].requires_grad and not off[1].requires_grad and opt.hooks.user_frozen == []
+    on[0].requires_grad_(False)  # a user's freeze still sticks
+    assert not on[0].requires_grad and opt.hooks.user_frozen == [on[0]]

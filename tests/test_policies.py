@@ -144,3 +144,24 @@ def test_a_user_policy_with_probes_gets_probe_losses():
         opt.step()
         opt.zero_grad()
     assert len(policy.updates) == 2 and all(u.shape == (2,) and u[0] != u[1] for u in policy.updates)
+
+
+@pytest.mark.parametrize("policy", ["ist", "random", "lisa", "safe", "cka", "gradnorm"])
+@pytest.mark.parametrize("bad", [dict(active_layers=True), dict(active_layers="0.5"),
+                                 dict(active_layers=torch.tensor(0.5)), dict(importance_lr="x"),
+                                 dict(importance_lr=None), dict(probe_layers=True)])
+def test_bad_option_types_are_refused_for_every_named_policy(policy, bad):
+    with pytest.raises((TypeError, ValueError), match=next(iter(bad))):
+        ISTAdamW(tiny_peft_llama(), lr=1e-2, policy=policy, **bad)
+
+
+def test_a_policy_refusing_the_model_in_attach_leaves_no_hooks_behind():
+    from ist_optim import LayerwiseCKA
+
+    model = tiny_peft_llama()
+    with pytest.raises(TypeError, match="calibration batch"):
+        ISTAdamW(model, lr=1e-2, policy=LayerwiseCKA([3]))  # 3 is no batch: refused in attach
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())  # the watched class given back
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    opt = ISTAdamW(model, lr=1e-2)  # and a new IST builds without meeting the old hooks
+    assert opt.hooks.user_frozen == []

@@ -240,3 +240,17 @@ def test_axolotl_config_field_reaches_the_option():
     assert ist_options_from_cfg({"ist_probe_rows": 4, "ist_seed": None}) == {"probe_rows": 4}
     if ISTArgs is not None:
         assert ISTArgs(ist_probe_rows=0.25).ist_probe_rows == 0.25
+
+
+def test_probe_forwards_run_under_inference_mode():
+    seen = []
+    model = tiny_peft_llama()
+
+    def loss_fn(output, *args, **kwargs):
+        seen.append(torch.is_inference_mode_enabled())
+        return output.loss
+
+    opt = ISTAdamW(model, lr=1e-2, probe_interval=1, loss_fn=loss_fn)
+    model(**lm_batch()).loss.backward()
+    opt.step()
+    assert seen and all(seen)  # every probe forward, and only under inference_mode
