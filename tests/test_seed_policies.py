@@ -218,3 +218,11 @@ def test_layerwise_cka_bad_settings():
     policy = LayerwiseCKA(padded_batches(), active_layers=0.1)
     ISTAdamW(tiny_peft_llama(), lr=LR, policy=policy)
     assert policy.num_active == 1 == max(1, math.floor(0.1 * 4))
+
+
+def test_layerwise_cka_refuses_inits_that_rewrite_the_base_weights():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="pissa"):
+        ISTAdamW(model, lr=LR, policy=LayerwiseCKA(padded_batches()))

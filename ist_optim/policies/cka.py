@@ -336,6 +336,18 @@ def _feature_rows(hidden: torch.Tensor, kwargs: Mapping[str, Any], tokens: str) 
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
 
+def _base_rewriting_inits(model: nn.Module) -> list[str]:
+    """peft LoRA inits that change the base weights (PiSSA, OLoRA, CorDA, LoftQ, EVA's init keeps them: not listed)."""
+    found = []
+    for config in getattr(model, "peft_config", {}).values():
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda", "loftq"):
+            found.append(init)
+        elif getattr(config, "loftq_config", None):
+            found.append("loftq")
+    return found
+
+
 class LayerwiseCKA(LayerPolicy):
     """Layer-wise LoRA with CKA (seed ``003``): before training, tune the blocks that change their input most.
 
@@ -361,10 +373,15 @@ class LayerwiseCKA(LayerPolicy):
     here every block's output is the block's own output. In a data-parallel
     run each rank measures its batches and the CKA values are averaged.
 
+    Refused: peft LoRA inits that rewrite the base weights (PiSSA, OLoRA,
+    CorDA, LoftQ), where adapters at 0 are not the pretrained model.
+
     Args:
         batches: calibration batches, each a dict of model keywords
             (``input_ids``, ``attention_mask``), a tensor, a tuple of
             arguments, or ``(args, kwargs)``; moved to the model's device.
+            Padding is found through an ``attention_mask`` keyword only: pass
+            padded batches as dicts.
         active_layers: blocks trained (int count, or float fraction floored).
         tokens: ``"last"`` (the paper) or ``"all"``.
 
@@ -406,6 +423,13 @@ class LayerwiseCKA(LayerPolicy):
         if any(block is None for block in context.layers):
             raise ValueError("LayerwiseCKA measures each block's input and output, so the layers must be modules "
                              "(not layer_of=)")
+        rewritten = _base_rewriting_inits(context.model)
+        if rewritten:
+            raise ValueError(
+                f"LayerwiseCKA ranks the pretrained model, but this peft model's LoRA init ({rewritten}) rewrote the "
+                "base weights, so scaling the adapters by 0 does not give it back; rank the blocks on a model with "
+                "LoRA's default init (or before get_peft_model) and pass FixedLayers(ranking[:n])"
+            )
         params = [p for ps in context.layer_params for p in ps]
         device = params[0].device if params else None
         inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(self.num_layers)}

@@ -250,11 +250,15 @@ class SafeImportance(_SeededPolicy):
       and the first pass trains every layer within ``ceil(L / k) <= coverage``
       steps, ``k`` a step.
 
-    What this guarantees, by construction: every layer trains with
-    probability ``>= gamma * k / L`` at every step (``gamma`` times uniform's),
-    so over ``T`` steps its expected number of updates is at least ``gamma``
-    times uniform's; no layer goes ``coverage`` steps untrained; every layer
-    uses the optimizer's one learning rate. It does not promise a lower loss
+    What this guarantees, by construction: no layer goes ``coverage`` steps
+    untrained; on a step with no forced and no first-pass layer every layer
+    trains with probability ``>= gamma * k / L`` (``gamma`` times uniform's;
+    when ``f`` slots are forced or first-pass, the other ``k - f`` are drawn by
+    the same rule among the rest); every layer uses the optimizer's one
+    learning rate. The potentials compare gradients across steps, so a loss
+    scale that changes (GradScaler halving it early on, with an optimizer
+    that unscales inside its own step) or per-step gradient clipping makes
+    them compare unlike scales. It does not promise a lower loss
     than uniform: that depends on whether ``||grad B||`` tracks what a
     layer's update is worth, which ``opt.importance_report()`` can tell.
 
@@ -389,7 +393,7 @@ class SafeImportance(_SeededPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "moments": self.moments.clone(), "updates": self.updates.clone(),
-                "age": self.age.clone()}
+                "age": self.age.clone(), "num_active": self.num_active, "coverage": self.coverage}
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().check_state_dict(state_dict)
@@ -398,6 +402,9 @@ class SafeImportance(_SeededPolicy):
             value = state_dict[key]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != (self.num_layers,):
                 raise ValueError(f"SafeImportance state has {key} of shape {getattr(value, 'shape', None)}")
+        for key in ("num_active", "coverage"):  # the ages' coverage bound holds for the settings they grew under
+            if key in state_dict and int(state_dict[key]) != getattr(self, key):
+                raise ValueError(f"SafeImportance state has {key}={state_dict[key]}, this policy {getattr(self, key)}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
