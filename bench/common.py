@@ -18,7 +18,11 @@ def conditions(**extra: object) -> str:
     import peft
     import transformers
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     parts = {
         "device": device,
         "threads": torch.get_num_threads(),
@@ -95,4 +99,6 @@ def state_bytes_on_device(opt: torch.optim.Optimizer) -> int:
 
     if isinstance(opt, IST):
         return opt.memory_report()["optimizer_state_device_bytes"]
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )

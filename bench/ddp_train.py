@@ -27,8 +27,13 @@ from ist_optim import ISTAdamW
 def build_model(layers: int, hidden: int, vocab: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)  # the same initial weights on every rank (DDP would also broadcast rank 0's)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     model = LlamaForCausalLM(config)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
@@ -105,8 +110,10 @@ def main() -> None:
     if rank == 0:
         engine = "FSDP2" if args.fsdp2 else "DDP"
         distinct = len({tuple(s) for s in selections})
-        print(f"{engine}, {world} ranks ({dist.get_backend()}), {args.steps} steps in {seconds:.1f} s, "
-              f"{opt.scheduler.num_updates} importance updates, {distinct} distinct selections")
+        print(
+            f"{engine}, {world} ranks ({dist.get_backend()}), {args.steps} steps in {seconds:.1f} s, "
+            f"{opt.scheduler.num_updates} importance updates, {distinct} distinct selections"
+        )
         print("importance", [round(x, 3) for x in opt.scheduler.importance.tolist()])
         print("memory", opt.memory_report())
         for what, same in checks.items():

@@ -94,8 +94,10 @@ class Batches:
         shared = {ex.choices for ex in examples}
         self.head = head  # a classification head: labels are the answers' indices
         if head and len(shared) != 1:
-            raise ValueError(f"{task.name}: a classification head needs one set of choices shared by every example, "
-                             f"but the examples have {len(shared)} different sets (score it as a causal LM instead)")
+            raise ValueError(
+                f"{task.name}: a classification head needs one set of choices shared by every example, "
+                f"but the examples have {len(shared)} different sets (score it as a causal LM instead)"
+            )
         self.num_labels = len(next(iter(shared))) if len(shared) == 1 else 0
         # A verbalizer: one set of single-token answers shared by every example; its loss is the
         # cross-entropy over those label words at the last position (a classification head in words).
@@ -159,13 +161,17 @@ def forward_loss(model: torch.nn.Module, batches: Batches, batch: dict[str, torc
     return model(**inputs).loss
 
 
-def verbalizer_loss(label_words: torch.Tensor, output: Any, *args: Any, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def verbalizer_loss(
+    label_words: torch.Tensor, output: Any, *args: Any, target: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
     """Cross-entropy over the label words' logits at the last position (with ``functools.partial``, the probe ``loss_fn``)."""
     return F.cross_entropy(output.logits[:, -1, label_words.to(output.logits.device)].float(), target)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Batches, examples: list[Example], batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, batches: Batches, examples: list[Example], batch_size: int = 32
+) -> dict[str, float]:
     """Accuracy (most likely choice) and loss (mean cross-entropy of the right answer's tokens)."""
     was_training = model.training
     model.eval()
@@ -190,8 +196,11 @@ def evaluate(model: torch.nn.Module, batches: Batches, examples: list[Example], 
         # One row per (example, choice): the choice's summed token log-probabilities.
         flat = [Example(ex.prompt, (c,), 0) for ex in chunk for c in ex.choices]
         batch = batches.train_batch(flat)  # logits of the last positions only, labels cut to match
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       logits_to_keep=batch["logits_to_keep"])
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            logits_to_keep=batch["logits_to_keep"],
+        )
         logits = logits.logits.float().cpu()
         labels = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -259,7 +268,9 @@ def calibration_batches(batches: Batches, task: Task, device: torch.device, size
 
 
 def build_optimizer(
-    model: torch.nn.Module, config: RunConfig, label_words: torch.Tensor | None,
+    model: torch.nn.Module,
+    config: RunConfig,
+    label_words: torch.Tensor | None,
     calibration: list[dict[str, Any]] | None = None,
 ) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -277,9 +288,16 @@ def build_optimizer(
     if layer_map.other_params:
         groups.append({"params": layer_map.other_params, "lr": config.lr})
     options: dict[str, Any] = dict(
-        params=groups, weight_decay=0.0, active_layers=config.active_layers,
-        probe_interval=config.probe_interval, importance_lr=config.importance_lr, suppression=config.suppression,
-        num_probes=config.num_probes, probe_layers=config.probe_layers, reward=config.reward, seed=config.seed,
+        params=groups,
+        weight_decay=0.0,
+        active_layers=config.active_layers,
+        probe_interval=config.probe_interval,
+        importance_lr=config.importance_lr,
+        suppression=config.suppression,
+        num_probes=config.num_probes,
+        probe_layers=config.probe_layers,
+        reward=config.reward,
+        seed=config.seed,
     )
     if config.arm == "ist-paper":
         options["rule"] = "paper"
@@ -303,8 +321,9 @@ def add_lora(base: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
 
         torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
         torch.nn.init.zeros_(model.classifier.bias)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=BERT_TARGETS,
-                            task_type="SEQ_CLS")  # SEQ_CLS: the classifier trains (modules_to_save)
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=BERT_TARGETS, task_type="SEQ_CLS"
+        )  # SEQ_CLS: the classifier trains (modules_to_save)
     else:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
     return get_peft_model(model, config)
@@ -355,8 +374,9 @@ def train_run(
             started = time.perf_counter()
             loss = one_step()
             result.step_seconds.append(time.perf_counter() - started)
-            result.probe_step.append(isinstance(opt, ISTAdamW) and opt.probes_enabled
-                                     and opt.num_steps % opt.options["probe_interval"] == 0)
+            result.probe_step.append(
+                isinstance(opt, ISTAdamW) and opt.probes_enabled and opt.num_steps % opt.options["probe_interval"] == 0
+            )
         result.train_loss.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{config.arm}: training loss is {loss} at step {step}")
@@ -396,9 +416,16 @@ def tiny_model(tokens: WordTokenizer, layers: int = 4, hidden: int = 64) -> torc
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokens.vocab) + 2, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(tokens.vocab) + 2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -407,7 +434,16 @@ def tiny_classifier(tokens: WordTokenizer, num_labels: int, layers: int = 4, hid
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokens.vocab) + 2, hidden_size=hidden, intermediate_size=2 * hidden,
-                        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=512,
-                        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(tokens.vocab) + 2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
     return BertForSequenceClassification(config)

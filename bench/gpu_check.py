@@ -79,8 +79,9 @@ class Report:
             detail, status = str(skip), "skip"
         except Exception as error:  # a failing check is reported, the others still run
             detail, status = f"{type(error).__name__}: {error}"[:400], "FAIL"
-        row = dict(section=section, check=check, status=status, detail=detail,
-                   seconds=round(time.perf_counter() - start, 2))
+        row = dict(
+            section=section, check=check, status=status, detail=detail, seconds=round(time.perf_counter() - start, 2)
+        )
         self.rows.append(row)
         print(f"[{status:4s}] {section:9s} {check:44s} {detail}", flush=True)
 
@@ -115,6 +116,7 @@ def kernel_checks(report: Report, quick: bool) -> None:
         sizes, ranks, K = [(40, 53), (24, 53)], [4, 72], 40
     for dtype_name, dtype in DTYPES.items():
         for rank in ranks:
+
             def check(dtype=dtype, rank=rank) -> str:
                 _need_triton()
                 worst = 0.0
@@ -140,12 +142,16 @@ def kernel_checks(report: Report, quick: bool) -> None:
                             assert err <= KERNEL_TOL[dtype], f"{name} M={M} G={groups}: rel err {err:.2e}"
                         if dtype != torch.float32:  # fp32 adapters beside a low-precision h (autocast)
                             b32 = b.float()
-                            err = _rel_err(lora_expand(base, h, b32, scale, alpha=2.0),
-                                           lora_expand_reference(base, h, b32, scale, alpha=2.0))
+                            err = _rel_err(
+                                lora_expand(base, h, b32, scale, alpha=2.0),
+                                lora_expand_reference(base, h, b32, scale, alpha=2.0),
+                            )
                             worst = max(worst, err)
                             assert err <= KERNEL_TOL[dtype], f"mixed M={M} G={groups}: rel err {err:.2e}"
-                        err = _rel_err(lora_linear(x, w, bias, h, b, scale, alpha=2.0),
-                                       lora_linear_reference(x, w, bias, h, b, scale, alpha=2.0))
+                        err = _rel_err(
+                            lora_linear(x, w, bias, h, b, scale, alpha=2.0),
+                            lora_linear_reference(x, w, bias, h, b, scale, alpha=2.0),
+                        )
                         worst = max(worst, err)
                         assert err <= KERNEL_TOL[dtype] * 2, f"linear M={M} G={groups}: rel err {err:.2e}"
                 return f"worst rel err {worst:.1e} (tol {KERNEL_TOL[dtype]:.0e}) over {sizes}"
@@ -159,9 +165,15 @@ def tiny_peft_llama(dtype: torch.dtype = torch.float32, layers: int = 4, seed: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64 if not CUDA else 256, intermediate_size=128 if not CUDA else 512,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64 if not CUDA else 256,
+        intermediate_size=128 if not CUDA else 512,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config).to(dtype)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)  # adapters in fp32 (peft's autocast_adapter_dtype)
@@ -203,8 +215,9 @@ def probe_check(mode: str, dtype: torch.dtype) -> Callable[[], str]:
         model = tiny_peft_llama(dtype, layers=4)
         layer_map = discover_layers(model, [p for p in model.parameters() if p.requires_grad])
         adapters = find_adapter_modules(model, layer_map.params)
-        beta = torch.tensor([[1.0, 0.25, 1.0, 0.25], [0.25, 1.0, 0.25, 1.0], [0.25, 0.25, 1.0, 1.0]],
-                            dtype=torch.float64)
+        beta = torch.tensor(
+            [[1.0, 0.25, 1.0, 0.25], [0.25, 1.0, 0.25, 1.0], [0.25, 0.25, 1.0, 1.0]], dtype=torch.float64
+        )
         probe = ((), batch(1))
         ref = probe_losses(model, adapters, beta, batch=probe, mode=mode, kernels="torch")
         got = probe_losses(model, adapters, beta, batch=probe, mode=mode, kernels="triton")
@@ -220,8 +233,7 @@ def offload_check() -> str:
     runs = {}
     for policy in ("keep", "offload"):
         model = tiny_peft_llama(layers=8)
-        opt = ISTAdamW(model, lr=1e-3, active_layers=0.25, probe_interval=3, num_probes=2, state_policy=policy,
-                       seed=0)
+        opt = ISTAdamW(model, lr=1e-3, active_layers=0.25, probe_interval=3, num_probes=2, state_policy=policy, seed=0)
         runs[policy] = (model, opt)
     copies = {}
     for step in range(9):
@@ -235,8 +247,10 @@ def offload_check() -> str:
     assert off_opt.options["state_policy"] == "offload" and off_opt.evictor.evicted, "nothing was offloaded"
     for (name, p), q in zip(keep_model.named_parameters(), off_model.parameters()):
         assert torch.equal(p, q), f"parameter {name} differs"
-    for label, keep_sd, off_sd in (("deepcopy", copies["keep"], copies["offload"]),
-                                   ("state_dict", keep_opt.state_dict(), off_opt.state_dict())):
+    for label, keep_sd, off_sd in (
+        ("deepcopy", copies["keep"], copies["offload"]),
+        ("state_dict", keep_opt.state_dict(), off_opt.state_dict()),
+    ):
         for index, entry in keep_sd["state"].items():
             for key, value in entry.items():
                 other = off_sd["state"][index][key]
@@ -262,8 +276,10 @@ def fuse_training_check() -> str:
     params = dict(models["peft"].named_parameters())
     worst = max(_rel_err(p, params[n]) for n, p in models["fused"].named_parameters() if p.requires_grad)
     assert worst < 1e-4, f"params rel err {worst:.2e}"
-    return f"{len(losses['fused'])} steps, loss {losses['fused'][-1]:.4f} vs {losses['peft'][-1]:.4f}, " \
-           f"params rel err {worst:.1e}"
+    return (
+        f"{len(losses['fused'])} steps, loss {losses['fused'][-1]:.4f} vs {losses['peft'][-1]:.4f}, "
+        f"params rel err {worst:.1e}"
+    )
 
 
 # ---------------------------------------------------------------------- figures (CUDA)
@@ -273,8 +289,9 @@ def memory_worker(spec: str) -> None:
 
     model_name, method = spec.split(":")
     seq = 1024 if model_name == "gpt2" else 512
-    args = argparse.Namespace(model=model_name, seq=seq, batch=1, rank=32, dtype="bf16", device="cuda",
-                              checkpointing=False)
+    args = argparse.Namespace(
+        model=model_name, seq=seq, batch=1, rank=32, dtype="bf16", device="cuda", checkpointing=False
+    )
     from memory import build_base
 
     base, _ = build_base(model_name)
@@ -285,18 +302,36 @@ def memory_worker(spec: str) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = [one_step(model, opt, torch.randint(0, vocab, (1, seq), generator=gen).cuda(), "cuda") for _ in range(4)]
     worst = max(rows[1:], key=lambda r: r["total"])
-    print(json.dumps({"model": model_name, "method": method, "seq": seq, "total_mib": worst["total"] / MIB,
-                      "weights_mib": worst["weights"] / MIB, "state_mib": worst["state"] / MIB,
-                      "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / MIB}))
+    print(
+        json.dumps(
+            {
+                "model": model_name,
+                "method": method,
+                "seq": seq,
+                "total_mib": worst["total"] / MIB,
+                "weights_mib": worst["weights"] / MIB,
+                "state_mib": worst["state"] / MIB,
+                "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
+            }
+        )
+    )
 
 
 def memory_figures(report: Report) -> None:
     results = []
-    for spec in ("gpt2:lora", "gpt2:ist-keep", "gpt2:ist-offload", "tinyllama:lora", "tinyllama:ist-keep",
-                 "tinyllama:ist-offload"):
+    for spec in (
+        "gpt2:lora",
+        "gpt2:ist-keep",
+        "gpt2:ist-offload",
+        "tinyllama:lora",
+        "tinyllama:ist-keep",
+        "tinyllama:ist-offload",
+    ):
+
         def check(spec=spec) -> str:
-            out = subprocess.run([sys.executable, __file__, "--memory-worker", spec], capture_output=True,
-                                 text=True, timeout=240)
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-worker", spec], capture_output=True, text=True, timeout=240
+            )
             if out.returncode:
                 raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "worker failed")
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -311,8 +346,9 @@ def step_time_figures(report: Report) -> None:
     from memory import build_base, setup
 
     def check() -> str:
-        args = argparse.Namespace(model="gpt2", seq=1024, batch=1, rank=32, dtype="bf16", device="cuda",
-                                  checkpointing=False)
+        args = argparse.Namespace(
+            model="gpt2", seq=1024, batch=1, rank=32, dtype="bf16", device="cuda", checkpointing=False
+        )
         base, _ = build_base("gpt2")
         state = base.state_dict()
         runs = {m: setup(m, state, args) for m in ("lora", "ist-keep")}
@@ -331,10 +367,16 @@ def step_time_figures(report: Report) -> None:
                     times[method].append(time.perf_counter() - start)
         means = {m: statistics.mean(v) for m, v in times.items()}
         medians = {m: statistics.median(v) for m, v in times.items()}
-        report.figures["step_time"] = {"model": "gpt2 config, bf16 base, fp32 adapters r=32, seq 1024, batch 1",
-                                       "mean_s": means, "median_s": medians, "steps": 20}
-        return (f"ist-keep/lora: mean {means['ist-keep'] / means['lora']:.2f}x (probes amortised), "
-                f"median {medians['ist-keep'] / medians['lora']:.2f}x; lora {medians['lora'] * 1e3:.1f} ms")
+        report.figures["step_time"] = {
+            "model": "gpt2 config, bf16 base, fp32 adapters r=32, seq 1024, batch 1",
+            "mean_s": means,
+            "median_s": medians,
+            "steps": 20,
+        }
+        return (
+            f"ist-keep/lora: mean {means['ist-keep'] / means['lora']:.2f}x (probes amortised), "
+            f"median {medians['ist-keep'] / medians['lora']:.2f}x; lora {medians['lora'] * 1e3:.1f} ms"
+        )
 
     report.run("steptime", "gpt2 seq 1024 bf16: lora vs ist-keep", check)
 
@@ -357,6 +399,7 @@ def kernel_timings(report: Report) -> None:
 
     rows = []
     for M, N, R in ((4096, 4096, 16), (4096, 11008, 64), (16384, 4096, 16)):
+
         def check(M=M, N=N, R=R) -> str:
             _need_triton()
             dt = torch.bfloat16
@@ -379,8 +422,10 @@ def kernel_timings(report: Report) -> None:
         M, N, K, R, dt = 4096, 4096, 4096, 16, torch.bfloat16
         x, w = torch.randn(M, K, device="cuda", dtype=dt), torch.randn(N, K, device="cuda", dtype=dt) * K**-0.5
         a, b = torch.randn(R, K, device="cuda", dtype=dt) * K**-0.5, torch.randn(N, R, device="cuda", dtype=dt)
-        t = {"eager x@W.T + addmm_": timed(lambda: (x @ w.T).addmm_((x @ a.T) * 0.5, b.T)),
-             "triton adapter-in-GEMM": timed(lambda: lora_linear(x, w, None, x @ a.T, b, alpha=0.5))}
+        t = {
+            "eager x@W.T + addmm_": timed(lambda: (x @ w.T).addmm_((x @ a.T) * 0.5, b.T)),
+            "triton adapter-in-GEMM": timed(lambda: lora_linear(x, w, None, x @ a.T, b, alpha=0.5)),
+        }
         rows.append({"M": M, "N": N, "K": K, "r": R, "dtype": "bf16", "ms": t})
         return ", ".join(f"{k} {v:.3f} ms" for k, v in t.items())
 
@@ -390,9 +435,13 @@ def kernel_timings(report: Report) -> None:
 
 # ---------------------------------------------------------------------- output
 def environment() -> dict[str, Any]:
-    env = {"device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})",
-           "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+    env = {
+        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
     try:
         import triton
 
@@ -403,10 +452,14 @@ def environment() -> dict[str, Any]:
 
 
 def markdown(report: Report, env: dict[str, Any]) -> str:
-    lines = [f"`python bench/gpu_check.py` on {env['device']} (torch {env['torch']}, CUDA {env['cuda']}, "
-             f"Triton {env['triton']}): {sum(r['status'] == 'pass' for r in report.rows)} passed, "
-             f"{report.failed} failed, {sum(r['status'] == 'skip' for r in report.rows)} skipped", "",
-             "| section | check | result | detail |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"`python bench/gpu_check.py` on {env['device']} (torch {env['torch']}, CUDA {env['cuda']}, "
+        f"Triton {env['triton']}): {sum(r['status'] == 'pass' for r in report.rows)} passed, "
+        f"{report.failed} failed, {sum(r['status'] == 'skip' for r in report.rows)} skipped",
+        "",
+        "| section | check | result | detail |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += [f"| {r['section']} | {r['check']} | {r['status']} | {r['detail']} |" for r in report.rows]
     return "\n".join(lines) + "\n"
 
@@ -444,11 +497,14 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_check" if CUDA else "gpu_check_cpu"
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "checks": report.rows,
-                                                       "figures": report.figures}, indent=1) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"environment": env, "checks": report.rows, "figures": report.figures}, indent=1) + "\n"
+    )
     (args.out / f"{stem}.md").write_text(markdown(report, env))
-    print(f"\n{len(report.rows) - report.failed}/{len(report.rows)} checks passed or skipped; "
-          f"wrote {args.out / stem}.json and .md")
+    print(
+        f"\n{len(report.rows) - report.failed}/{len(report.rows)} checks passed or skipped; "
+        f"wrote {args.out / stem}.json and .md"
+    )
     if report.failed:
         print("FAILURES: keep kernels='torch' and state_policy='keep' on this GPU until they are fixed")
     sys.exit(1 if report.failed else 0)

@@ -63,15 +63,25 @@ def collect(args: argparse.Namespace) -> dict:
         base, tokenizer = load_smollm2()
         tokens = HFTokens(tokenizer)
     batches = Batches(tokens, task, max_prompt_tokens=128)
-    config = RunConfig("ist", steps=args.train_steps, batch_size=16, lr=5e-4, sparse_lr_scale=4.0, probe_interval=5,
-                       importance_lr=10.0, seed=args.seed, measure_memory=False)
+    config = RunConfig(
+        "ist",
+        steps=args.train_steps,
+        batch_size=16,
+        lr=5e-4,
+        sparse_lr_scale=4.0,
+        probe_interval=5,
+        importance_lr=10.0,
+        seed=args.seed,
+        measure_memory=False,
+    )
     started = time.perf_counter()
     result = train_run(base, batches, task, config)
     print(f"trained {args.train_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
     model = result.model
     # An optimizer only to find the adapters per layer (nothing is stepped).
-    opt = ISTAdamW(model, lr=0.0, probe_interval=1, seed=0,
-                   loss_fn=functools.partial(verbalizer_loss, batches.label_words))
+    opt = ISTAdamW(
+        model, lr=0.0, probe_interval=1, seed=0, loss_fn=functools.partial(verbalizer_loss, batches.label_words)
+    )
     L = len(opt.adapters)
     rng = random.Random(10_000 + args.seed)  # batches the run never drew in this order
     gen = torch.Generator().manual_seed(args.seed)
@@ -101,21 +111,45 @@ def collect(args: argparse.Namespace) -> dict:
             per_row.append(torch.nn.functional.cross_entropy(logits, target, reduction="none").double().tolist())
             return loss
 
-        losses = torch.cat([probe_losses(model, opt.adapters, beta_rows[s : s + 8], batch=((), batch),
-                                         loss_fn=functools.partial(row_loss, target=target), mode="batched")
-                            for s in range(0, len(beta_rows), 8)])
-        rows.append({"base": losses[0].item(), "single": losses[1 : L + 1].tolist(),
-                     "masks": [m.tolist() for m in masks], "mask_losses": losses[L + 1 :].tolist(),
-                     "mask_row_losses": per_row[L + 1 :]})
+        losses = torch.cat(
+            [
+                probe_losses(
+                    model,
+                    opt.adapters,
+                    beta_rows[s : s + 8],
+                    batch=((), batch),
+                    loss_fn=functools.partial(row_loss, target=target),
+                    mode="batched",
+                )
+                for s in range(0, len(beta_rows), 8)
+            ]
+        )
+        rows.append(
+            {
+                "base": losses[0].item(),
+                "single": losses[1 : L + 1].tolist(),
+                "masks": [m.tolist() for m in masks],
+                "mask_losses": losses[L + 1 :].tolist(),
+                "mask_row_losses": per_row[L + 1 :],
+            }
+        )
         print(f"batch {b}: base loss {losses[0]:.4f}", flush=True)
     opt.remove_hooks()
-    return {"seed": args.seed, "train_steps": args.train_steps, "beta": beta, "layers": L,
-            "importance": result.importance, "layer_counts": result.layer_counts, "rows": rows}
+    return {
+        "seed": args.seed,
+        "train_steps": args.train_steps,
+        "beta": beta,
+        "layers": L,
+        "importance": result.importance,
+        "layer_counts": result.layer_counts,
+        "rows": rows,
+    }
 
 
 # ---------------------------------------------------------------------- estimators replayed on the pool
-def replay(data: dict, estimator: str, rounds: int, rng: random.Random, candidates: int = 3,
-           probe_rows: int | None = None) -> list[float]:
+def replay(
+    data: dict, estimator: str, rounds: int, rng: random.Random, candidates: int = 3, probe_rows: int | None = None
+) -> list[float]:
     """Importance after ``rounds`` probe rounds, each on one batch of the pool, under ``estimator``.
 
     ``probe_rows=k``: the half-mask candidates' losses are those of the batch's first ``k`` rows only.
@@ -209,7 +243,9 @@ def analyse(data: dict, replays: int, probe_rows: list[int] = ()) -> dict:
     value = [math.exp(-x) for r in rows for x in r["mask_losses"]]
     out["typical_abs_reward"] = statistics.fmean(
         abs(math.exp(-x) - statistics.fmean(math.exp(-y) for y in r["mask_losses"][:6]))
-        for r in rows for x in r["mask_losses"][:6])
+        for r in rows
+        for x in r["mask_losses"][:6]
+    )
     out["exp_neg_loss_mean"] = statistics.fmean(value)
     # Estimators replayed: mean and sd of Pearson(estimate, oracle) over replays, after k rounds.
     rng = random.Random(0)
@@ -241,10 +277,17 @@ def main() -> None:
     parser.add_argument("--masks", type=int, default=4, help="random half-masks per batch (each with its complement)")
     parser.add_argument("--beta", type=float, default=0.25)
     parser.add_argument("--replays", type=int, default=200)
-    parser.add_argument("--out", default=None, help="JSON of the measurements (default results/importance_study_s{seed}_t{steps}.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON of the measurements (default results/importance_study_s{seed}_t{steps}.json)"
+    )
     parser.add_argument("--analyse-only", action="store_true")
-    parser.add_argument("--probe-rows", type=int, nargs="*", default=[],
-                        help="also replay the half-mask estimators with the losses of the first k rows only")
+    parser.add_argument(
+        "--probe-rows",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also replay the half-mask estimators with the losses of the first k rows only",
+    )
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     args = parser.parse_args()
     out = Path(args.out or HERE / "results" / f"importance_study_s{args.seed}_t{args.train_steps}.json")

@@ -43,15 +43,28 @@ from ist_optim.kernels import lora_expand_reference, lora_linear_reference  # no
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
 # Peak DRAM bandwidth (GB/s) by device name, for "% of peak"; --peak-gbps overrides.
-PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039,
-             "A100-SXM4-40GB": 1555, "A100-PCIE": 1555}
+PEAK_GBPS = {
+    "H100 SXM": 3350,
+    "H100 80GB HBM3": 3350,
+    "H100 PCIe": 2000,
+    "H200": 4800,
+    "A100-SXM4-80GB": 2039,
+    "A100-SXM4-40GB": 1555,
+    "A100-PCIE": 1555,
+}
 
 
 def expand_bytes(method: str, M: int, N: int, R: int, e: int) -> int:
     """Bytes moved by one expand step (each M x N tensor pass counted once)."""
     small = (M * R + N * R) * e
-    passes = {"naive eager": 6, "torch.addmm": 2, "addmm_ (in place)": 2, "compile": 2, "triton expand": 2,
-              "triton in place": 2}
+    passes = {
+        "naive eager": 6,
+        "torch.addmm": 2,
+        "addmm_ (in place)": 2,
+        "compile": 2,
+        "triton expand": 2,
+        "triton in place": 2,
+    }
     return passes[method] * M * N * e + small
 
 
@@ -64,8 +77,10 @@ def layer_bytes(method: str, M: int, N: int, K: int, R: int, e: int) -> int:
 def analytic_table(args) -> None:
     e = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
     print(f"\nAnalytic bytes per call ({args.dtype}); ratio = naive eager / method")
-    print(f"{'tokens':>6s} {'N':>6s} {'r':>3s} | " + " | ".join(f"{m:>18s}" for m in
-          ["naive eager", "torch.addmm", "addmm_ (in place)", "triton expand"]))
+    print(
+        f"{'tokens':>6s} {'N':>6s} {'r':>3s} | "
+        + " | ".join(f"{m:>18s}" for m in ["naive eager", "torch.addmm", "addmm_ (in place)", "triton expand"])
+    )
     for M in args.tokens:
         for N in args.out_features:
             for R in args.ranks:
@@ -81,8 +96,10 @@ def analytic_table(args) -> None:
             for R in args.ranks:
                 eager = layer_bytes("addmm_ eager", M, N, args.hidden, R, e)
                 fused = layer_bytes("triton adapter-in-GEMM", M, N, args.hidden, R, e)
-                print(f"{M:6d} {N:6d} {R:3d} | addmm_ eager {eager / 2**20:8.1f} MiB | fused {fused / 2**20:8.1f} MiB "
-                      f"| {eager / fused:4.2f}x")
+                print(
+                    f"{M:6d} {N:6d} {R:3d} | addmm_ eager {eager / 2**20:8.1f} MiB | fused {fused / 2**20:8.1f} MiB "
+                    f"| {eager / fused:4.2f}x"
+                )
 
 
 def correctness_matrix() -> bool:
@@ -95,6 +112,7 @@ def correctness_matrix() -> bool:
     gen = torch.Generator().manual_seed(0)
     for dtype_name, dtype in DTYPES.items():
         for M, N, K, R, G in [(1, 17, 9, 4, 1), (37, 53, 70, 5, 1), (64, 96, 32, 16, 4), (30, 31, 16, 33, 3)]:
+
             def rand(*shape):
                 return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
@@ -114,8 +132,10 @@ def correctness_matrix() -> bool:
                 err = (got.float() - ref.float()).abs().max().item()
                 good = torch.allclose(got.float(), ref.float(), rtol=rtol, atol=atol) and not got.isnan().any()
                 ok &= good
-                print(f"{name:8s} {dtype_name:5s} {M:4d} {N:4d} {K:4d} {R:3d} {G:2d}  {err:9.2e}   "
-                      f"{'ok' if good else 'FAIL'}")
+                print(
+                    f"{name:8s} {dtype_name:5s} {M:4d} {N:4d} {K:4d} {R:3d} {G:2d}  {err:9.2e}   "
+                    f"{'ok' if good else 'FAIL'}"
+                )
     return ok
 
 
@@ -149,8 +169,10 @@ def cuda_timings(args) -> bool:
     compiled_max = torch.compile(naive, mode="max-autotune") if args.max_autotune else None
     e = torch.tensor([], dtype=dtype).element_size()
     print(f"\nexpand step ({args.dtype}); GB/s from analytic bytes; speedup vs naive eager")
-    print(f"{'tokens':>6s} {'N':>6s} {'r':>3s} {'method':22s} {'ms (p20-p80)':>22s} {'GB/s':>7s} {'%peak':>6s} "
-          f"{'TFLOP/s':>8s} {'speedup':>7s}")
+    print(
+        f"{'tokens':>6s} {'N':>6s} {'r':>3s} {'method':22s} {'ms (p20-p80)':>22s} {'GB/s':>7s} {'%peak':>6s} "
+        f"{'TFLOP/s':>8s} {'speedup':>7s}"
+    )
     for M in args.tokens:
         for N in args.out_features:
             for R in args.ranks:
@@ -189,9 +211,11 @@ def cuda_timings(args) -> bool:
                     base_time = base_time or med
                     nbytes = expand_bytes("compile" if method.startswith("compile") else method, M, N, R, e)
                     gbps = nbytes / med / 1e9
-                    print(f"{M:6d} {N:6d} {R:3d} {method:22s} {med * 1e3:7.3f} ({q20 * 1e3:.3f}-{q80 * 1e3:.3f}) "
-                          f"{gbps:7.0f} {(f'{100 * gbps / peak:5.0f}%' if peak else '    -'):>6s} "
-                          f"{2 * M * N * R / med / 1e12:8.2f} {base_time / med:7.2f}")
+                    print(
+                        f"{M:6d} {N:6d} {R:3d} {method:22s} {med * 1e3:7.3f} ({q20 * 1e3:.3f}-{q80 * 1e3:.3f}) "
+                        f"{gbps:7.0f} {(f'{100 * gbps / peak:5.0f}%' if peak else '    -'):>6s} "
+                        f"{2 * M * N * R / med / 1e12:8.2f} {base_time / med:7.2f}"
+                    )
 
     K = args.hidden
     print(f"\nwhole layer x @ W0.T + s*beta*(x @ A.T) @ B.T, K={K} ({args.dtype}); speedup vs addmm_ eager")
@@ -212,16 +236,19 @@ def cuda_timings(args) -> bool:
                 def fused():
                     return lora_linear(x, w, None, x @ a.T, b, scale)
 
-                good = torch.allclose(fused().float(), eager().float(), rtol=TOLERANCE[dtype][0] * 4,
-                                      atol=TOLERANCE[dtype][1] * 4)
+                good = torch.allclose(
+                    fused().float(), eager().float(), rtol=TOLERANCE[dtype][0] * 4, atol=TOLERANCE[dtype][1] * 4
+                )
                 ok &= good
                 t_eager, t_fused = bench(eager), bench(fused)
                 flops = 2 * M * N * K + 2 * M * K * R + 2 * M * N * R
                 for method, t in (("addmm_ eager", t_eager), ("triton adapter-in-GEMM", t_fused)):
                     med, (q20, q80) = median(t), quantiles(t)
-                    print(f"{M:6d} {N:6d} {R:3d} {method:24s} {med * 1e3:7.3f} ({q20 * 1e3:.3f}-{q80 * 1e3:.3f}) ms "
-                          f"{flops / med / 1e12:7.1f} TFLOP/s  speedup {median(t_eager) / med:5.2f}"
-                          f"{'' if good else '  FAIL correctness'}")
+                    print(
+                        f"{M:6d} {N:6d} {R:3d} {method:24s} {med * 1e3:7.3f} ({q20 * 1e3:.3f}-{q80 * 1e3:.3f}) ms "
+                        f"{flops / med / 1e12:7.1f} TFLOP/s  speedup {median(t_eager) / med:5.2f}"
+                        f"{'' if good else '  FAIL correctness'}"
+                    )
     return ok
 
 
@@ -237,8 +264,7 @@ def main() -> None:
     parser.add_argument("--peak-gbps", type=float, help="peak DRAM bandwidth for %% of peak (default: by device name)")
     args = parser.parse_args()
 
-    print(conditions(dtype=args.dtype, repeats=args.repeats,
-                     triton_interpret=os.environ.get("TRITON_INTERPRET", "0")))
+    print(conditions(dtype=args.dtype, repeats=args.repeats, triton_interpret=os.environ.get("TRITON_INTERPRET", "0")))
     if not torch.cuda.is_available():
         print("=" * 78)
         print("No CUDA device: GPU timings are pending. Running the correctness matrix in the")

@@ -47,10 +47,21 @@ def main() -> None:
         base, tokenizer = load_smollm2()
         tokens = HFTokens(tokenizer)
     batches = Batches(tokens, task, max_prompt_tokens=q.max_prompt_tokens, head=args.model in CLASSIFIERS)
-    config = RunConfig(args.arm, steps=args.steps, batch_size=q.batch, lr=q.lr, sparse_lr_scale=args.sparse_lr_scale,
-                       probe_interval=q.probe_interval, seed=args.seed, measure_memory=False)
-    print(f"{args.setting} {args.model} {args.arm}: {args.steps} steps, batch {q.batch}, lr {q.lr:g} "
-          f"x{args.sparse_lr_scale:g}, seed {args.seed}", flush=True)
+    config = RunConfig(
+        args.arm,
+        steps=args.steps,
+        batch_size=q.batch,
+        lr=q.lr,
+        sparse_lr_scale=args.sparse_lr_scale,
+        probe_interval=q.probe_interval,
+        seed=args.seed,
+        measure_memory=False,
+    )
+    print(
+        f"{args.setting} {args.model} {args.arm}: {args.steps} steps, batch {q.batch}, lr {q.lr:g} "
+        f"x{args.sparse_lr_scale:g}, seed {args.seed}",
+        flush=True,
+    )
     torch.manual_seed(args.seed)
     result = train_run(base, batches, task, config)
     print(f"last training batch ({q.batch} rows): {layer_choice_report(result.optimizer, batches)}")

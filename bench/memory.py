@@ -52,8 +52,15 @@ def build_base(name: str):
         config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
         return GPT2LMHeadModel(config), ["c_attn", "c_proj", "c_fc"]
     if name == "tinyllama":  # TinyLLaMA-1.1B's config
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        )
         return LlamaForCausalLM(config), ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     raise ValueError(f"unknown model {name!r}")
 
@@ -64,8 +71,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                        help="base weights' dtype; LoRA adapters stay float32 (the paper: fp16 base)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=list(DTYPES),
+        help="base weights' dtype; LoRA adapters stay float32 (the paper: fp16 base)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -89,8 +100,11 @@ def setup(method: str, base_state: dict, args) -> tuple[torch.nn.Module, torch.o
     num_layers = len(blocks_of(model))
     quarter = max(1, round(num_layers / 4))
     if method.startswith("fixed"):
-        chosen = (list(range(0, num_layers, num_layers // quarter))[:quarter] if method == "fixed-spread"
-                  else list(range(num_layers - quarter, num_layers)))
+        chosen = (
+            list(range(0, num_layers, num_layers // quarter))[:quarter]
+            if method == "fixed-spread"
+            else list(range(num_layers - quarter, num_layers))
+        )
         for index, block in enumerate(blocks_of(model)):
             for p in block.parameters():
                 if index not in chosen:
@@ -98,8 +112,14 @@ def setup(method: str, base_state: dict, args) -> tuple[torch.nn.Module, torch.o
     params = [p for p in model.parameters() if p.requires_grad]
     if method.startswith("ist"):
         policy = {"ist-keep": "keep", "ist-offload": "offload", "ist-drop": "drop", "ist-selective": "drop"}[method]
-        opt = ISTAdamW(model, lr=1e-4, active_layers=0.25, state_policy=policy,
-                       checkpoint_unselected=method == "ist-selective", seed=0)
+        opt = ISTAdamW(
+            model,
+            lr=1e-4,
+            active_layers=0.25,
+            state_policy=policy,
+            checkpoint_unselected=method == "ist-selective",
+            seed=0,
+        )
     else:
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     return model, opt
@@ -121,8 +141,14 @@ def one_step(model, opt, ids, device: str) -> dict[str, float]:
     start = time.perf_counter()
     _, peak = peak_step_bytes(step, device)
     elapsed = time.perf_counter() - start
-    return {"weights": weights, "state": state, "peak": peak, "grads": grads["bytes"],
-            "total": weights + state + peak, "time": elapsed}
+    return {
+        "weights": weights,
+        "state": state,
+        "peak": peak,
+        "grads": grads["bytes"],
+        "total": weights + state + peak,
+        "time": elapsed,
+    }
 
 
 def main() -> None:
@@ -131,9 +157,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="measured steps for IST methods (after 1 warm-up)")
     parser.add_argument("--baseline-steps", type=int, default=3, help="measured steps for fixed methods")
     parser.add_argument("--checkpointing", action="store_true", help="HF non-reentrant gradient checkpointing")
-    parser.add_argument("--methods", nargs="+",
-                        default=["full", "lora", "fixed-spread", "fixed-top", "ist-keep", "ist-offload", "ist-drop",
-                                 "ist-selective"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["full", "lora", "fixed-spread", "fixed-top", "ist-keep", "ist-offload", "ist-drop", "ist-selective"],
+    )
     args = parser.parse_args()
 
     base, _ = build_base(args.model)
@@ -144,9 +172,16 @@ def main() -> None:
     total_steps = 1 + max(args.steps, args.baseline_steps)
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(total_steps)]
 
-    print(conditions(model=f"{args.model} config (random init), base {args.dtype}, adapters fp32", seq=args.seq, batch=args.batch,
-                     lora=f"r={args.rank} dropout 0.05", checkpointing=args.checkpointing,
-                     measure="max_memory_allocated" if args.device == "cuda" else "profiler memory events"))
+    print(
+        conditions(
+            model=f"{args.model} config (random init), base {args.dtype}, adapters fp32",
+            seq=args.seq,
+            batch=args.batch,
+            lora=f"r={args.rank} dropout 0.05",
+            checkpointing=args.checkpointing,
+            measure="max_memory_allocated" if args.device == "cuda" else "profiler memory events",
+        )
+    )
     rows_out = {}
     for method in args.methods:
         print(f"measuring {method} ...", file=sys.stderr, flush=True)
@@ -154,21 +189,31 @@ def main() -> None:
         steps = args.steps if method.startswith("ist") else args.baseline_steps
         rows = [one_step(model, opt, batches[i].to(args.device), args.device) for i in range(1 + steps)][1:]
         worst = max(rows, key=lambda r: r["total"])
-        rows_out[method] = dict(worst, mean_total=statistics.mean(r["total"] for r in rows),
-                                median_time=statistics.median(r["time"] for r in rows), steps=steps)
+        rows_out[method] = dict(
+            worst,
+            mean_total=statistics.mean(r["total"] for r in rows),
+            median_time=statistics.median(r["time"] for r in rows),
+            steps=steps,
+        )
         del model, opt
 
     ref = rows_out.get("lora")
-    print(f"{'method':14s} {'steps':>5s} {'peak MiB':>8s} {'vs lora':>7s} {'mean MiB':>8s} {'weights':>7s} "
-          f"{'opt st':>6s} {'grads':>6s} {'act+tmp':>7s} {'s/step':>6s} {'vs lora':>7s}")
+    print(
+        f"{'method':14s} {'steps':>5s} {'peak MiB':>8s} {'vs lora':>7s} {'mean MiB':>8s} {'weights':>7s} "
+        f"{'opt st':>6s} {'grads':>6s} {'act+tmp':>7s} {'s/step':>6s} {'vs lora':>7s}"
+    )
     for method, r in rows_out.items():
         ratio = f"{r['total'] / ref['total']:7.2f}" if ref else "      -"
         t_ratio = f"{r['median_time'] / ref['median_time']:7.2f}" if ref else "      -"
-        print(f"{method:14s} {r['steps']:5d} {r['total'] / MIB:8.0f} {ratio} {r['mean_total'] / MIB:8.0f} "
-              f"{r['weights'] / MIB:7.0f} {r['state'] / MIB:6.1f} {r['grads'] / MIB:6.1f} "
-              f"{(r['peak'] - r['grads']) / MIB:7.0f} {r['median_time']:6.2f} {t_ratio}")
-    print("peak: the worst measured step's weights + resident optimizer state + the step's allocation peak; "
-          "mean: the same averaged over steps; the split is of the worst step; s/step: median")
+        print(
+            f"{method:14s} {r['steps']:5d} {r['total'] / MIB:8.0f} {ratio} {r['mean_total'] / MIB:8.0f} "
+            f"{r['weights'] / MIB:7.0f} {r['state'] / MIB:6.1f} {r['grads'] / MIB:6.1f} "
+            f"{(r['peak'] - r['grads']) / MIB:7.0f} {r['median_time']:6.2f} {t_ratio}"
+        )
+    print(
+        "peak: the worst measured step's weights + resident optimizer state + the step's allocation peak; "
+        "mean: the same averaged over steps; the split is of the worst step; s/step: median"
+    )
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def _badam(model: torch.nn.Module, args: argparse.Namespace, lr: float) -> torch
     base = torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
     layers = model.config.num_hidden_layers
     switch = args.badam_switch or max(1, args.steps // layers)
-    return BlockOptimizer(base, list(model.named_parameters()), switch_block_every=switch, switch_mode="random",
-                          verbose=0)
+    return BlockOptimizer(
+        base, list(model.named_parameters()), switch_block_every=switch, switch_mode="random", verbose=0
+    )
 
 
 def _projected_groups(model: torch.nn.Module, **group) -> list[dict]:
@@ -126,24 +127,34 @@ def _galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Opt
 def _apollo(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     from apollo_torch import APOLLOAdamW
 
-    groups = _projected_groups(model, rank=_low_rank(model), proj="random", scale_type="channel", scale=1,
-                               update_proj_gap=200, proj_type="std")
+    groups = _projected_groups(
+        model, rank=_low_rank(model), proj="random", scale_type="channel", scale=1, update_proj_gap=200, proj_type="std"
+    )
     return APOLLOAdamW(groups, lr=args.projected_lr, weight_decay=0.0)
 
 
-METHODS = {m.name: m for m in (
-    Method("lora", True, None, lambda model, a: torch.optim.AdamW(_trainable(model), lr=a.lr, weight_decay=0.0)),
-    Method("ist", True, None, lambda model, a: _ist(model, a, lr=a.lr)),
-    Method("ist-x4", True, None, lambda model, a: _ist(model, a, lr=4 * a.lr, probe_interval=5)),
-    Method("ist-x4-ckpt", True, None,
-           lambda model, a: _ist(model, a, lr=4 * a.lr, probe_interval=5, checkpoint_unselected=True)),
-    Method("random-x4", True, None, lambda model, a: _ist(model, a, lr=4 * a.lr, policy="random")),
-    Method("badam-lora", True, "badam", lambda model, a: _badam(model, a, a.lr)),
-    Method("badam", False, "badam", lambda model, a: _badam(model, a, a.full_lr)),
-    Method("galore", False, "galore-torch", _galore),
-    Method("apollo", False, "apollo-torch", _apollo),
-    Method("full", False, None, lambda model, a: torch.optim.AdamW(model.parameters(), lr=a.full_lr, weight_decay=0.0)),
-)}
+METHODS = {
+    m.name: m
+    for m in (
+        Method("lora", True, None, lambda model, a: torch.optim.AdamW(_trainable(model), lr=a.lr, weight_decay=0.0)),
+        Method("ist", True, None, lambda model, a: _ist(model, a, lr=a.lr)),
+        Method("ist-x4", True, None, lambda model, a: _ist(model, a, lr=4 * a.lr, probe_interval=5)),
+        Method(
+            "ist-x4-ckpt",
+            True,
+            None,
+            lambda model, a: _ist(model, a, lr=4 * a.lr, probe_interval=5, checkpoint_unselected=True),
+        ),
+        Method("random-x4", True, None, lambda model, a: _ist(model, a, lr=4 * a.lr, policy="random")),
+        Method("badam-lora", True, "badam", lambda model, a: _badam(model, a, a.lr)),
+        Method("badam", False, "badam", lambda model, a: _badam(model, a, a.full_lr)),
+        Method("galore", False, "galore-torch", _galore),
+        Method("apollo", False, "apollo-torch", _apollo),
+        Method(
+            "full", False, None, lambda model, a: torch.optim.AdamW(model.parameters(), lr=a.full_lr, weight_decay=0.0)
+        ),
+    )
+}
 
 
 def missing_package(method: Method) -> str | None:
@@ -154,7 +165,7 @@ def missing_package(method: Method) -> str | None:
     try:
         __import__(module)
     except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes failing inside galore_torch's import
-        return f"{method.package} is not usable here ({type(exc).__name__}: {exc}); pip install -e \".[peers]\""
+        return f'{method.package} is not usable here ({type(exc).__name__}: {exc}); pip install -e ".[peers]"'
     return None
 
 
@@ -235,7 +246,9 @@ def run_one(args: argparse.Namespace) -> dict:
 
     unique = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
     weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
-    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # before BAdam's toggling
+    trainable_bytes = sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
+    )  # before BAdam's toggling
     opt, allocated = peak_step_bytes(build_and_warm_up, device)
     started = time.perf_counter()
     for _ in range(args.steps - len(losses)):
@@ -247,12 +260,24 @@ def run_one(args: argparse.Namespace) -> dict:
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{method.name}: training loss is nan at step {len(losses)}")
     record = {
-        "method": method.name, "seed": args.seed, "model": args.model, "setting": setting_name(args),
-        "steps": args.steps, "batch": args.batch, "lr": args.lr, "full_lr": args.full_lr,
-        "projected_lr": args.projected_lr, "version": package_version(method), "train_loss": losses, "step_seconds": seconds,
-        "peak_bytes": weight_bytes + allocated, "weight_bytes": weight_bytes, "trainable_bytes": trainable_bytes,
+        "method": method.name,
+        "seed": args.seed,
+        "model": args.model,
+        "setting": setting_name(args),
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "full_lr": args.full_lr,
+        "projected_lr": args.projected_lr,
+        "version": package_version(method),
+        "train_loss": losses,
+        "step_seconds": seconds,
+        "peak_bytes": weight_bytes + allocated,
+        "weight_bytes": weight_bytes,
+        "trainable_bytes": trainable_bytes,
         "train_seconds": time.perf_counter() - started,
-        "threads": torch.get_num_threads(), "device": str(device),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
     }
     if not args.memory_only:
         record["val"] = evaluate(model, batches, task.val)
@@ -265,8 +290,17 @@ def setting_name(args: argparse.Namespace) -> str:
 
 
 def run_key(record: dict) -> tuple:
-    return (record["setting"], record["model"], record["method"], record["seed"], record["steps"], record["batch"],
-            record["lr"], record["full_lr"], record["projected_lr"])
+    return (
+        record["setting"],
+        record["model"],
+        record["method"],
+        record["seed"],
+        record["steps"],
+        record["batch"],
+        record["lr"],
+        record["full_lr"],
+        record["projected_lr"],
+    )
 
 
 # ---------------------------------------------------------------------- the study (one process per run)
@@ -284,8 +318,22 @@ def read_records(path: Path) -> list[dict]:
 
 def child_command(args: argparse.Namespace, method: str, seed: int) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", method, "--seed", str(seed), "--out", args.out]
-    for flag in ("setting", "model", "device", "steps", "batch", "lr", "full_lr", "projected_lr", "rank", "eval_size",
-                 "max_prompt_tokens", "seq_len", "badam_switch", "data_root"):
+    for flag in (
+        "setting",
+        "model",
+        "device",
+        "steps",
+        "batch",
+        "lr",
+        "full_lr",
+        "projected_lr",
+        "rank",
+        "eval_size",
+        "max_prompt_tokens",
+        "seq_len",
+        "badam_switch",
+        "data_root",
+    ):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
@@ -295,17 +343,36 @@ def child_command(args: argparse.Namespace, method: str, seed: int) -> list[str]
 def run_all(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(conditions(model=args.model, setting=setting_name(args), steps=args.steps, batch=args.batch, lr=args.lr,
-                     full_lr=args.full_lr, projected_lr=args.projected_lr, seeds=args.seeds), flush=True)
+    print(
+        conditions(
+            model=args.model,
+            setting=setting_name(args),
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            full_lr=args.full_lr,
+            projected_lr=args.projected_lr,
+            seeds=args.seeds,
+        ),
+        flush=True,
+    )
     for seed in args.seeds:
         for name in args.methods:
             reason = missing_package(METHODS[name])
             if reason is not None:
                 print(f"{name:10s} skipped: {reason}", flush=True)
                 continue
-            probe = {"setting": setting_name(args), "model": args.model, "method": name, "seed": seed,
-                     "steps": args.steps, "batch": args.batch, "lr": args.lr, "full_lr": args.full_lr,
-                     "projected_lr": args.projected_lr}
+            probe = {
+                "setting": setting_name(args),
+                "model": args.model,
+                "method": name,
+                "seed": seed,
+                "steps": args.steps,
+                "batch": args.batch,
+                "lr": args.lr,
+                "full_lr": args.full_lr,
+                "projected_lr": args.projected_lr,
+            }
             if run_key(probe) in {run_key(r) for r in read_records(out)}:
                 continue
             started = time.perf_counter()
@@ -336,15 +403,27 @@ def mean_sd(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def summarize(args: argparse.Namespace) -> list[dict]:
-    records = [r for r in read_records(Path(args.out)) if r["setting"] == setting_name(args) and r["model"] == args.model
-               and r["steps"] == args.steps and r["batch"] == args.batch]
+    records = [
+        r
+        for r in read_records(Path(args.out))
+        if r["setting"] == setting_name(args)
+        and r["model"] == args.model
+        and r["steps"] == args.steps
+        and r["batch"] == args.batch
+    ]
     if not records:
-        sys.exit(f"no runs of {setting_name(args)} ({args.model}, {args.steps} steps, batch {args.batch}) in {args.out}")
+        sys.exit(
+            f"no runs of {setting_name(args)} ({args.model}, {args.steps} steps, batch {args.batch}) in {args.out}"
+        )
     rows = []
-    print(f"{setting_name(args)}, {args.model}: {args.steps} steps, batch {args.batch}; accuracy in %, "
-          "mean +- sd over seeds; time per step after 2 untimed steps (median; mean includes probes/SVDs/switches)")
-    head = (f"{'method':11s} {'seeds':>5s} {'val acc':>12s} {'test acc':>12s} {'train loss':>13s} {'val loss':>13s} "
-            f"{'peak MiB':>9s} {'s/step med':>10s} {'s/step mean':>11s}  version")
+    print(
+        f"{setting_name(args)}, {args.model}: {args.steps} steps, batch {args.batch}; accuracy in %, "
+        "mean +- sd over seeds; time per step after 2 untimed steps (median; mean includes probes/SVDs/switches)"
+    )
+    head = (
+        f"{'method':11s} {'seeds':>5s} {'val acc':>12s} {'test acc':>12s} {'train loss':>13s} {'val loss':>13s} "
+        f"{'peak MiB':>9s} {'s/step med':>10s} {'s/step mean':>11s}  version"
+    )
     print(head)
     for name in METHODS:
         runs = [r for r in records if r["method"] == name and "error" not in r]
@@ -354,19 +433,26 @@ def summarize(args: argparse.Namespace) -> list[dict]:
                 print(f"{name:11s} failed: {errors[-1]}")
             continue
         row = {
-            "method": name, "seeds": len(runs), "version": runs[0]["version"],
+            "method": name,
+            "seeds": len(runs),
+            "version": runs[0]["version"],
             "peak_mib": statistics.fmean(r["peak_bytes"] for r in runs) / 2**20,
             "median_s": statistics.fmean(statistics.median(r["step_seconds"]) for r in runs),
             "mean_s": statistics.fmean(statistics.fmean(r["step_seconds"]) for r in runs),
             "train_loss": [statistics.fmean(r["train_loss"][-10:]) for r in runs],
         }
         if "test" in runs[0]:
-            row.update(val=[r["val"]["accuracy"] for r in runs], test=[r["test"]["accuracy"] for r in runs],
-                       val_loss=[r["val"]["loss"] for r in runs])
+            row.update(
+                val=[r["val"]["accuracy"] for r in runs],
+                test=[r["test"]["accuracy"] for r in runs],
+                val_loss=[r["val"]["loss"] for r in runs],
+            )
         rows.append(row)
-        print(f"{name:11s} {row['seeds']:5d} {mean_sd(row.get('val', []), 100):>12s} {mean_sd(row.get('test', []), 100):>12s} "
-              f"{mean_sd(row['train_loss'], digits=3):>13s} {mean_sd(row.get('val_loss', []), digits=3):>13s} "
-              f"{row['peak_mib']:9.0f} {row['median_s']:10.2f} {row['mean_s']:11.2f}  {row['version']}")
+        print(
+            f"{name:11s} {row['seeds']:5d} {mean_sd(row.get('val', []), 100):>12s} {mean_sd(row.get('test', []), 100):>12s} "
+            f"{mean_sd(row['train_loss'], digits=3):>13s} {mean_sd(row.get('val_loss', []), digits=3):>13s} "
+            f"{row['peak_mib']:9.0f} {row['median_s']:10.2f} {row['mean_s']:11.2f}  {row['version']}"
+        )
     if args.plot:
         plot_frontier(rows, Path(args.plot), setting_name(args))
     return rows
@@ -405,17 +491,24 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=None,
-                        help=f"comma-separated, from {', '.join(METHODS)} (default: all; ist-x4-ckpt with --seq-len only)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated, from {', '.join(METHODS)} (default: all; ist-x4-ckpt with --seq-len only)",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--setting", default="weekday", choices=["weekday", "commonsense"])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4, help="lr of the LoRA-based methods")
     parser.add_argument("--full-lr", type=float, default=5e-5, help="lr of the full-parameter methods")
-    parser.add_argument("--projected-lr", type=float, default=None, help="lr of GaLore and APOLLO (default 4x --full-lr)")
+    parser.add_argument(
+        "--projected-lr", type=float, default=None, help="lr of GaLore and APOLLO (default 4x --full-lr)"
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--badam-switch", type=int, default=None, help="BAdam's switch_block_every (default steps/layers)")
+    parser.add_argument(
+        "--badam-switch", type=int, default=None, help="BAdam's switch_block_every (default steps/layers)"
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="packed rows of this many tokens (commonsense mix)")
     parser.add_argument("--memory-only", action="store_true", help="no evaluation: memory and step time only")
     parser.add_argument("--eval-size", type=int, default=256)

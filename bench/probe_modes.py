@@ -24,9 +24,14 @@ from ist_optim.probes import probe_losses
 
 def build(layers: int, hidden: int, vocab: int, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                         max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=2048,
+    )
     model = LlamaForCausalLM(config)
     lora = LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     return get_peft_model(model, lora).to(device)
@@ -51,8 +56,14 @@ def main() -> None:
     kept = torch.stack([torch.randperm(args.layers, generator=gen) < args.layers // 2 for _ in range(args.num_probes)])
     beta = torch.where(kept, 1.0, 0.25).double()
 
-    print(conditions(model=f"LLaMA-config L={args.layers} d={args.hidden} V={args.vocab}, LoRA r=32 q,k,v,up,down",
-                     seq=args.seq, num_probes=args.num_probes, repeats=args.repeats))
+    print(
+        conditions(
+            model=f"LLaMA-config L={args.layers} d={args.hidden} V={args.vocab}, LoRA r=32 q,k,v,up,down",
+            seq=args.seq,
+            num_probes=args.num_probes,
+            repeats=args.repeats,
+        )
+    )
     print(f"{'batch':>5} | {'sequential s (p20-p80)':>24} | {'batched s (p20-p80)':>24} | batched/sequential")
     for batch_size in args.batch:
         ids = torch.randint(0, args.vocab, (batch_size, args.seq), generator=gen).to(args.device)

@@ -57,8 +57,19 @@ from pathlib import Path
 
 import torch
 from common import conditions
-from finetune import (ARMS, Batches, HFTokens, RunConfig, WordTokenizer, check_arm, evaluate, layer_choice_report,
-                      tiny_classifier, tiny_model, train_run)
+from finetune import (
+    ARMS,
+    Batches,
+    HFTokens,
+    RunConfig,
+    WordTokenizer,
+    check_arm,
+    evaluate,
+    layer_choice_report,
+    tiny_classifier,
+    tiny_model,
+    train_run,
+)
 from tasks import SHARED_DATA, load_task, weekday_task
 
 from ist_optim.scheduler import REWARDS
@@ -89,14 +100,25 @@ LATER_DEFAULTS = {**ESTIMATOR_DEFAULTS, "lr_follows_rate": False, **DATA_DEFAULT
 CONFIG_KEYS = ("lr", "steps", "batch", "probe_interval", "active_layers", "max_prompt_tokens", "eval_size")
 
 # The study each (setting, model) runs when no flag says otherwise (the README's tables), over GENERIC.
-GENERIC = {"arms": ["lora", "ist", "random"], "seeds": [0, 1, 2], "budgets": [60, 120, 240], "sparse_lr_scales": [1.0, 4.0],
-           "batch": 16, **DATA_DEFAULTS}
+GENERIC = {
+    "arms": ["lora", "ist", "random"],
+    "seeds": [0, 1, 2],
+    "budgets": [60, 120, 240],
+    "sparse_lr_scales": [1.0, 4.0],
+    "batch": 16,
+    **DATA_DEFAULTS,
+}
 STUDIES = {
     ("weekday", "smollm2"): {"budgets": [20, 40, 80]},
     ("sst2", "smollm2"): {"budgets": [30, 60], "sparse_lr_scales": [4.0]},
     ("sst2", "minilm"): {"budgets": [60, 120, 240, 480]},
-    ("commonsense", "smollm2"): {"budgets": [60], "sparse_lr_scales": [4.0], "batch": 8, "max_prompt_tokens": 96,
-                                 "eval_size": 128},
+    ("commonsense", "smollm2"): {
+        "budgets": [60],
+        "sparse_lr_scales": [4.0],
+        "batch": 8,
+        "max_prompt_tokens": 96,
+        "eval_size": 128,
+    },
 }
 
 
@@ -114,9 +136,19 @@ def with_defaults(record: dict) -> dict:
 
 def run_key(record: dict) -> tuple:
     record = with_defaults(record)
-    return (record["setting"], record["model"], record["arm"], record["seed"], record["lr"], record["sparse_lr_scale"],
-            record["steps"], record["batch"], record["probe_interval"], record["importance_lr"],
-            *(record[k] for k in LATER_DEFAULTS))
+    return (
+        record["setting"],
+        record["model"],
+        record["arm"],
+        record["seed"],
+        record["lr"],
+        record["sparse_lr_scale"],
+        record["steps"],
+        record["batch"],
+        record["probe_interval"],
+        record["importance_lr"],
+        *(record[k] for k in LATER_DEFAULTS),
+    )
 
 
 def estimator_label(record: dict) -> str:
@@ -134,7 +166,11 @@ def estimator_label(record: dict) -> str:
 def config_label(record: dict, varying: set[str]) -> str:
     """The options in ``varying`` (those the table's runs differ in), e.g. " batch=8,eval_size=128"."""
     values = with_defaults(record)
-    parts = [f"{k}={values[k]:g}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in CONFIG_KEYS if k in varying]
+    parts = [
+        f"{k}={values[k]:g}" if isinstance(values[k], float) else f"{k}={values[k]}"
+        for k in CONFIG_KEYS
+        if k in varying
+    ]
     return " " + ",".join(parts) if parts else ""
 
 
@@ -193,47 +229,89 @@ def run_all(args: argparse.Namespace) -> None:
     done = {run_key(r) for r in read_records(out)}
     budgets = tuple(sorted(args.budgets))
     arms = list(args.arms) + ([f"policy:{args.policy}"] if args.policy else [])
-    print(conditions(model=args.model, setting=args.setting, task=task.name, train=len(task.train),
-                     val=len(task.val), test=len(task.test), batch=args.batch, lr=args.lr, budgets=budgets), flush=True)
+    print(
+        conditions(
+            model=args.model,
+            setting=args.setting,
+            task=task.name,
+            train=len(task.train),
+            val=len(task.val),
+            test=len(task.test),
+            batch=args.batch,
+            lr=args.lr,
+            budgets=budgets,
+        ),
+        flush=True,
+    )
     for seed in args.seeds:
         for arm in arms:
             scales = [1.0] if arm == "lora" else args.sparse_lr_scales
             for scale in scales:
-                record = {"setting": args.setting, "model": args.model, "arm": arm, "seed": seed, "lr": args.lr,
-                          "sparse_lr_scale": scale, "steps": budgets[-1], "batch": args.batch,
-                          "probe_interval": args.probe_interval, "importance_lr": args.importance_lr,
-                          "probe_layers": args.probe_layers, "reward": args.reward,
-                          "lr_follows_rate": args.lr_follows_rate and arm != "lora",
-                          "max_prompt_tokens": args.max_prompt_tokens, "eval_size": args.eval_size,
-                          "active_layers": args.active_layers}
+                record = {
+                    "setting": args.setting,
+                    "model": args.model,
+                    "arm": arm,
+                    "seed": seed,
+                    "lr": args.lr,
+                    "sparse_lr_scale": scale,
+                    "steps": budgets[-1],
+                    "batch": args.batch,
+                    "probe_interval": args.probe_interval,
+                    "importance_lr": args.importance_lr,
+                    "probe_layers": args.probe_layers,
+                    "reward": args.reward,
+                    "lr_follows_rate": args.lr_follows_rate and arm != "lora",
+                    "max_prompt_tokens": args.max_prompt_tokens,
+                    "eval_size": args.eval_size,
+                    "active_layers": args.active_layers,
+                }
                 if run_key(record) in done:
                     continue
-                config = RunConfig(arm, steps=budgets[-1], batch_size=args.batch, lr=args.lr, sparse_lr_scale=scale,
-                                   probe_interval=args.probe_interval, importance_lr=args.importance_lr, seed=seed,
-                                   eval_at=budgets, active_layers=args.active_layers,
-                                   probe_layers=args.probe_layers, reward=args.reward,
-                                   lr_follows_rate=record["lr_follows_rate"])
+                config = RunConfig(
+                    arm,
+                    steps=budgets[-1],
+                    batch_size=args.batch,
+                    lr=args.lr,
+                    sparse_lr_scale=scale,
+                    probe_interval=args.probe_interval,
+                    importance_lr=args.importance_lr,
+                    seed=seed,
+                    eval_at=budgets,
+                    active_layers=args.active_layers,
+                    probe_layers=args.probe_layers,
+                    reward=args.reward,
+                    lr_follows_rate=record["lr_follows_rate"],
+                )
                 started = time.perf_counter()
                 result = train_run(base, batches, task, config)
                 test = evaluate(result.model, batches, task.test)
                 report = layer_choice_report(result.optimizer, batches)  # on the last training batch
                 record.update(
-                    val={str(s): v for s, v in result.evals.items()}, test=test,
-                    train_loss=rounded(result.train_loss, 9), step_seconds=rounded(result.step_seconds, 6),
-                    probe_step=result.probe_step, importance=result.importance,
+                    val={str(s): v for s, v in result.evals.items()},
+                    test=test,
+                    train_loss=rounded(result.train_loss, 9),
+                    step_seconds=rounded(result.step_seconds, 6),
+                    probe_step=result.probe_step,
+                    importance=result.importance,
                     importance_steps=result.importance_steps,
-                    layer_counts=result.layer_counts, peak_bytes=result.peak_bytes,
-                    wall_seconds=time.perf_counter() - started, torch_threads=torch.get_num_threads(),
+                    layer_counts=result.layer_counts,
+                    peak_bytes=result.peak_bytes,
+                    wall_seconds=time.perf_counter() - started,
+                    torch_threads=torch.get_num_threads(),
                 )
                 if report is not None:  # can layer choice matter here? (ist_optim.diagnostics)
-                    record["layer_choice"] = {k: report.to_dict()[k] for k in
-                                              ("rho", "gain_bound", "signal_share", "top_layers", "sentence")}
+                    record["layer_choice"] = {
+                        k: report.to_dict()[k] for k in ("rho", "gain_bound", "signal_share", "top_layers", "sentence")
+                    }
                 with out.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 final = result.evals[budgets[-1]]
-                print(f"{arm:10s} seed {seed} lr x{scale:g}: val acc {final['accuracy']:.3f} loss {final['loss']:.3f}, "
-                      f"test acc {test['accuracy']:.3f}, {statistics.fmean(result.step_seconds):.2f} s/step "
-                      f"({record['wall_seconds']:.0f} s)", flush=True)
+                print(
+                    f"{arm:10s} seed {seed} lr x{scale:g}: val acc {final['accuracy']:.3f} loss {final['loss']:.3f}, "
+                    f"test acc {test['accuracy']:.3f}, {statistics.fmean(result.step_seconds):.2f} s/step "
+                    f"({record['wall_seconds']:.0f} s)",
+                    flush=True,
+                )
 
 
 # ---------------------------------------------------------------------- summary
@@ -257,29 +335,43 @@ def summarize(args: argparse.Namespace) -> None:
         sys.exit(f"no runs of setting {args.setting!r} ({args.model}) in {args.out}")
     varying = {k for k in CONFIG_KEYS if len({with_defaults(r)[k] for r in records}) > 1}
     groups: dict[tuple[str, float], list[dict]] = {}
-    for r in records:  # an IST arm with other estimator options, or runs with another batch, lr, ..., are groups of their own
-        groups.setdefault((r["arm"] + estimator_label(r) + config_label(r, varying), r["sparse_lr_scale"]), []).append(r)
+    for r in (
+        records
+    ):  # an IST arm with other estimator options, or runs with another batch, lr, ..., are groups of their own
+        groups.setdefault((r["arm"] + estimator_label(r) + config_label(r, varying), r["sparse_lr_scale"]), []).append(
+            r
+        )
     budgets = sorted({int(s) for r in records for s in r["val"]})
+
     def values(key: str) -> str:  # every value in the runs, not the first run's
         return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted({r[key] for r in records}))
 
-    print(f"setting {args.setting}, {records[0]['model']}: lr {values('lr')}, batch {values('batch')}, "
-          f"probe_interval {values('probe_interval')}, importance_lr {values('importance_lr')}; "
-          "accuracy in %, mean +- sd over seeds")
+    print(
+        f"setting {args.setting}, {records[0]['model']}: lr {values('lr')}, batch {values('batch')}, "
+        f"probe_interval {values('probe_interval')}, importance_lr {values('importance_lr')}; "
+        "accuracy in %, mean +- sd over seeds"
+    )
     sizes = {with_defaults(r)["eval_size"] for r in records}
     if len(sizes) == 1:
         task = load_setting(args.setting, Path(args.data_root), sizes.pop())
         (val_guess, val_const), (test_guess, test_const) = baselines(task.val), baselines(task.test)
-        print(f"without training: guessing {100 * val_guess:.1f}% val / {100 * test_guess:.1f}% test; the best constant "
-              f"answer per format {100 * val_const:.1f}% val / {100 * test_const:.1f}% test")
+        print(
+            f"without training: guessing {100 * val_guess:.1f}% val / {100 * test_guess:.1f}% test; the best constant "
+            f"answer per format {100 * val_const:.1f}% val / {100 * test_const:.1f}% test"
+        )
     head = f"{'arm':16s} {'seeds':>5s} " + " ".join(f"{'val@' + str(b):>13s}" for b in budgets)
     print(head + f" {'test (last)':>13s} {'val loss':>9s} {'s/step':>7s} {'probe-free':>10s} {'peak MiB':>8s}")
+
     def mean_val(runs: list[dict]) -> dict[int, float]:
-        return {b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in runs if str(b) in r["val"])
-                for b in budgets if any(str(b) in r["val"] for r in runs)}
+        return {
+            b: statistics.fmean(r["val"][str(b)]["accuracy"] for r in runs if str(b) in r["val"])
+            for b in budgets
+            if any(str(b) in r["val"] for r in runs)
+        }
 
     lora_val = {arm: mean_val(runs) for (arm, _), runs in groups.items() if arm.split(" ")[0] == "lora"}
     rows = {}
+
     def order(kv):
         arm = kv[0][0].split(" ")[0]
         return (ARMS.index(arm) if arm in ARMS else 9, kv[0][1], kv[0][0])
@@ -290,11 +382,16 @@ def summarize(args: argparse.Namespace) -> None:
         steps = [s for r in runs for s in r["step_seconds"]]
         plain = [s for r in runs for s, p in zip(r["step_seconds"], r["probe_step"]) if not p]
         peaks = [r["peak_bytes"] for r in runs if r.get("peak_bytes")]
-        last = str(max(int(b) for r in runs for b in r["val"]))  # this group's longest budget (runs may differ in steps)
+        last = str(
+            max(int(b) for r in runs for b in r["val"])
+        )  # this group's longest budget (runs may differ in steps)
         val_loss = statistics.fmean(r["val"][last]["loss"] for r in runs if last in r["val"])
-        print(f"{name:16s} {len(runs):5d} " + " ".join(f"{c:>13s}" for c in cells)
-              + f" {mean_sd([r['test']['accuracy'] for r in runs]):>13s} {val_loss:9.3f} {statistics.median(steps):7.2f}"
-              + f" {statistics.median(plain) if plain else float('nan'):10.2f} {max(peaks) / 2**20 if peaks else 0:8.0f}")
+        print(
+            f"{name:16s} {len(runs):5d} "
+            + " ".join(f"{c:>13s}" for c in cells)
+            + f" {mean_sd([r['test']['accuracy'] for r in runs]):>13s} {val_loss:9.3f} {statistics.median(steps):7.2f}"
+            + f" {statistics.median(plain) if plain else float('nan'):10.2f} {max(peaks) / 2**20 if peaks else 0:8.0f}"
+        )
         rows[name] = ("lora" + config_label(runs[0], varying), mean_val(runs))
     if lora_val:
         print("\nfirst budget from which an arm's mean val accuracy stays within 1 point of LoRA-all's (or above):")
@@ -302,10 +399,14 @@ def summarize(args: argparse.Namespace) -> None:
             if name.split(" ")[0] == "lora" or reference not in lora_val:
                 continue
             shared = [b for b in budgets if b in accs and b in lora_val[reference]]
-            within = [b for i, b in enumerate(shared) if all(accs[c] >= lora_val[reference][c] - 0.01 for c in shared[i:])]
+            within = [
+                b for i, b in enumerate(shared) if all(accs[c] >= lora_val[reference][c] - 0.01 for c in shared[i:])
+            ]
             print(f"  {name:16s} {within[0] if within else 'none of ' + str(shared)}")
     importance_report(groups)
-    plot_quality(groups, Path(args.out).with_suffix(""), args.setting + ("" if args.model == "smollm2" else f"_{args.model}"))
+    plot_quality(
+        groups, Path(args.out).with_suffix(""), args.setting + ("" if args.model == "smollm2" else f"_{args.model}")
+    )
 
 
 def importance_report(groups: dict[tuple[str, float], list[dict]]) -> None:
@@ -320,14 +421,15 @@ def importance_report(groups: dict[tuple[str, float], list[dict]]) -> None:
             half = imp[len(imp) // 2]
             span = max(imp[-1]) - min(imp[-1])
             counts = r["layer_counts"]
-            print(f"  seed {r['seed']}: final range {min(imp[-1]):+.2f}..{max(imp[-1]):+.2f} (span {span:.2f}); "
-                  f"corr(half-way, final) {pearson(half, imp[-1]):+.2f}; corr(final, steps trained) "
-                  f"{pearson(imp[-1], counts):+.2f}")
+            print(
+                f"  seed {r['seed']}: final range {min(imp[-1]):+.2f}..{max(imp[-1]):+.2f} (span {span:.2f}); "
+                f"corr(half-way, final) {pearson(half, imp[-1]):+.2f}; corr(final, steps trained) "
+                f"{pearson(imp[-1], counts):+.2f}"
+            )
         pairs = [(i, j) for i in range(len(finals)) for j in range(i + 1, len(finals))]
         if pairs:
             corr = [pearson(finals[i], finals[j]) for i, j in pairs]
-            print(f"  agreement across seeds (Pearson of final importance): "
-                  + ", ".join(f"{c:+.2f}" for c in corr))
+            print(f"  agreement across seeds (Pearson of final importance): " + ", ".join(f"{c:+.2f}" for c in corr))
             mean = [statistics.fmean(col) for col in zip(*finals)]
             top = sorted(range(len(mean)), key=lambda i: -mean[i])[: max(1, len(mean) // 4)]
             print(f"  mean final importance: [{', '.join(f'{v:+.2f}' for v in mean)}]; top layers {sorted(top)}")
@@ -365,10 +467,16 @@ def plot_quality(groups: dict[tuple[str, float], list[dict]], stem: Path, settin
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="sst2", choices=sorted(SETTINGS))
-    parser.add_argument("--arms", type=lambda s: [check_arm(a) for a in s.split(",")],
-                        help="comma-separated: lora, ist, ist-paper, random (default: the setting's study)")
-    parser.add_argument("--policy", help="add an arm that runs ISTAdamW(policy=NAME), e.g. lisa, safe, cka, gradnorm, "
-                        "layerwise_cka (LayerwiseCKA on the first 128 training examples); --arms takes policy:NAME too")
+    parser.add_argument(
+        "--arms",
+        type=lambda s: [check_arm(a) for a in s.split(",")],
+        help="comma-separated: lora, ist, ist-paper, random (default: the setting's study)",
+    )
+    parser.add_argument(
+        "--policy",
+        help="add an arm that runs ISTAdamW(policy=NAME), e.g. lisa, safe, cka, gradnorm, "
+        "layerwise_cka (LayerwiseCKA on the first 128 training examples); --arms takes policy:NAME too",
+    )
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--sparse-lr-scales", type=lambda s: [float(x) for x in s.split(",")])
@@ -377,17 +485,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--active-layers", type=float, default=0.25)
     parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--importance-lr", type=float, default=10.0)
-    parser.add_argument("--probe-layers", type=lambda s: int(s) if s.isdigit() else float(s), default=0.5,
-                        help="N_v: an int count or a float fraction (suppressed layers under the reference rule)")
+    parser.add_argument(
+        "--probe-layers",
+        type=lambda s: int(s) if s.isdigit() else float(s),
+        default=0.5,
+        help="N_v: an int count or a float fraction (suppressed layers under the reference rule)",
+    )
     parser.add_argument("--reward", default="difference", choices=REWARDS)
-    parser.add_argument("--lr-follows-rate", action="store_true",
-                        help="sparse arms: each layer's lr is lr x min(sparse lr scale, steps so far / steps it trained), "
-                             "so a layer trained more often than active_layers gets less than the scaled lr")
+    parser.add_argument(
+        "--lr-follows-rate",
+        action="store_true",
+        help="sparse arms: each layer's lr is lr x min(sparse lr scale, steps so far / steps it trained), "
+        "so a layer trained more often than active_layers gets less than the scaled lr",
+    )
     parser.add_argument("--eval-size", type=int)
     parser.add_argument("--max-prompt-tokens", type=int)
-    parser.add_argument("--model", default="smollm2", choices=MODELS,
-                        help="smollm2 (causal LM); minilm (MiniLM-L6 + classification head: sst2, weekday); "
-                             "tiny, tiny-bert (config-built, for smoke tests)")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        choices=MODELS,
+        help="smollm2 (causal LM); minilm (MiniLM-L6 + classification head: sst2, weekday); "
+        "tiny, tiny-bert (config-built, for smoke tests)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-root", default=str(SHARED_DATA))
     parser.add_argument("--out", default=str(HERE / "results" / "quality.jsonl"))

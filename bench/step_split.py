@@ -49,11 +49,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--probe-interval", type=int, default=10)
     parser.add_argument("--active-layers", type=float, default=0.25)
-    parser.add_argument("--probe-rows", type=lambda v: float(v) if "." in v else int(v), nargs="+", default=[1.0],
-                        help="IST's probe_rows: an int count of the batch's rows, or a float fraction (default 1.0: "
-                             "all); several values give one IST arm each (ist, ist@rows), timed in turn")
-    parser.add_argument("--random", action="store_true",
-                        help="also time policy='random' (no probes), for IST/random")
+    parser.add_argument(
+        "--probe-rows",
+        type=lambda v: float(v) if "." in v else int(v),
+        nargs="+",
+        default=[1.0],
+        help="IST's probe_rows: an int count of the batch's rows, or a float fraction (default 1.0: "
+        "all); several values give one IST arm each (ist, ist@rows), timed in turn",
+    )
+    parser.add_argument("--random", action="store_true", help="also time policy='random' (no probes), for IST/random")
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "gpt2", "tiny"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -75,8 +79,16 @@ def main() -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                                            num_attention_heads=4, num_key_value_heads=2))
+        base = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=512,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=8,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
         vocab = 512
     else:
         from smollm2 import load_smollm2
@@ -90,19 +102,38 @@ def main() -> None:
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device) for _ in range(4)]
 
     arms = {}
-    arms["lora"] = (lora, torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0))
+    arms["lora"] = (
+        lora,
+        torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0),
+    )
     for k, rows in enumerate(args.probe_rows):
-        model = ist_model if k == 0 else add_lora(base, 8, seed=0) if args.model != "gpt2" else setup(
-            "lora", state, settings)[0]
-        arms["ist" if k == 0 else f"ist@{rows}"] = (model, ISTAdamW(
-            model, lr=1e-4, active_layers=args.active_layers, probe_interval=args.probe_interval, probe_rows=rows,
-            seed=0))
+        model = (
+            ist_model
+            if k == 0
+            else add_lora(base, 8, seed=0)
+            if args.model != "gpt2"
+            else setup("lora", state, settings)[0]
+        )
+        arms["ist" if k == 0 else f"ist@{rows}"] = (
+            model,
+            ISTAdamW(
+                model,
+                lr=1e-4,
+                active_layers=args.active_layers,
+                probe_interval=args.probe_interval,
+                probe_rows=rows,
+                seed=0,
+            ),
+        )
     if args.random:
         random_model = random_model if args.model == "gpt2" else add_lora(base, 8, seed=0)
-        arms["random"] = (random_model, ISTAdamW(random_model, lr=1e-4, active_layers=args.active_layers,
-                                                 policy="random", seed=0))
-    times: dict[str, dict[str, list[float]]] = {a: {"forward": [], "backward": [], "step": [], "probe_step": [], "whole": []}
-                                                 for a in arms}
+        arms["random"] = (
+            random_model,
+            ISTAdamW(random_model, lr=1e-4, active_layers=args.active_layers, policy="random", seed=0),
+        )
+    times: dict[str, dict[str, list[float]]] = {
+        a: {"forward": [], "backward": [], "step": [], "probe_step": [], "whole": []} for a in arms
+    }
     total_rounds = args.warmup + args.rounds
     for round_ in range(total_rounds):
         for arm, (model, opt) in arms.items():
@@ -119,34 +150,57 @@ def main() -> None:
                 if not probe:
                     times[arm]["whole"].append(forward + backward + step)
 
-    print(conditions(model=args.model, seq=args.seq, batch=args.batch, lora_targets=lora_targets,
-                     active_layers=args.active_layers, probe_interval=args.probe_interval, probe_rows=args.probe_rows,
-                     rounds=args.rounds))
-    print(f"{'arm':8s} {'forward':>8s} {'backward':>8s} {'optim':>8s} {'probe/round':>11s} {'amortised':>9s} {'total':>8s} {'vs lora':>7s}")
+    print(
+        conditions(
+            model=args.model,
+            seq=args.seq,
+            batch=args.batch,
+            lora_targets=lora_targets,
+            active_layers=args.active_layers,
+            probe_interval=args.probe_interval,
+            probe_rows=args.probe_rows,
+            rounds=args.rounds,
+        )
+    )
+    print(
+        f"{'arm':8s} {'forward':>8s} {'backward':>8s} {'optim':>8s} {'probe/round':>11s} {'amortised':>9s} {'total':>8s} {'vs lora':>7s}"
+    )
     totals = {}
     for arm, parts in times.items():
         f, b, s = (statistics.median(parts[k]) for k in ("forward", "backward", "step"))
         probe = statistics.median(parts["probe_step"]) - s if parts["probe_step"] else 0.0
         amortised = probe / args.probe_interval
         totals[arm] = f + b + s + amortised
-        print(f"{arm:8s} {f:8.3f} {b:8.3f} {s:8.3f} {probe:11.3f} {amortised:9.3f} {totals[arm]:8.3f} "
-              f"{totals[arm] / totals.get('lora', totals[arm]):7.2f}")
-    print("seconds, medians; probe/round: one probe round (its opt.step() minus an ordinary one); amortised: "
-          f"over probe_interval={args.probe_interval}")
+        print(
+            f"{arm:8s} {f:8.3f} {b:8.3f} {s:8.3f} {probe:11.3f} {amortised:9.3f} {totals[arm]:8.3f} "
+            f"{totals[arm] / totals.get('lora', totals[arm]):7.2f}"
+        )
+    print(
+        "seconds, medians; probe/round: one probe round (its opt.step() minus an ordinary one); amortised: "
+        f"over probe_interval={args.probe_interval}"
+    )
     # The sum of per-part medians need not be the median step (IST's parts vary from step to step with
     # the lowest selected layer): the median whole step, for comparison.
     whole = {arm: statistics.median(parts["whole"]) for arm, parts in times.items()}
-    amortised = {arm: totals[arm] - sum(statistics.median(times[arm][k]) for k in ("forward", "backward", "step"))
-                 for arm in times}
-    print("median whole step without a probe round: " + ", ".join(
-        f"{arm} {whole[arm]:.3f} s ({whole[arm] / whole['lora']:.2f}x)" for arm in whole)
-          + "; plus the amortised probes: " + ", ".join(
-        f"{arm} {whole[arm] + amortised[arm]:.3f} s ({(whole[arm] + amortised[arm]) / whole['lora']:.2f}x)"
-        for arm in whole))
+    amortised = {
+        arm: totals[arm] - sum(statistics.median(times[arm][k]) for k in ("forward", "backward", "step"))
+        for arm in times
+    }
+    print(
+        "median whole step without a probe round: "
+        + ", ".join(f"{arm} {whole[arm]:.3f} s ({whole[arm] / whole['lora']:.2f}x)" for arm in whole)
+        + "; plus the amortised probes: "
+        + ", ".join(
+            f"{arm} {whole[arm] + amortised[arm]:.3f} s ({(whole[arm] + amortised[arm]) / whole['lora']:.2f}x)"
+            for arm in whole
+        )
+    )
     for arm in (a for a in whole if a.startswith("ist") and "random" in whole):
         ist = whole[arm] + amortised[arm]
-        print(f"{arm} with amortised probes / random: {ist / (whole['random'] + amortised['random']):.2f}x "
-              f"(sum of part medians: {totals[arm] / totals['random']:.2f}x)")
+        print(
+            f"{arm} with amortised probes / random: {ist / (whole['random'] + amortised['random']):.2f}x "
+            f"(sum of part medians: {totals[arm] / totals['random']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,16 @@ from memory import add_model_arguments, build_base, setup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--rounds", type=int, default=20,
-                        help="measured rounds (each method steps once per round); 20 = two whole probe intervals")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=20,
+        help="measured rounds (each method steps once per round); 20 = two whole probe intervals",
+    )
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--methods", nargs="+",
-                        default=["lora", "ist-keep", "ist-selective", "lora+ckpt", "ist-keep+ckpt"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["lora", "ist-keep", "ist-selective", "lora+ckpt", "ist-keep+ckpt"]
+    )
     args = parser.parse_args()
 
     base, _ = build_base(args.model)
@@ -46,11 +51,21 @@ def main() -> None:
         method_args.checkpointing = ckpt == "ckpt"
         runs[method] = setup(name, base_state, method_args)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
-               for _ in range(args.warmup + args.rounds)]
+    batches = [
+        torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
+        for _ in range(args.warmup + args.rounds)
+    ]
 
-    print(conditions(model=f"{args.model} config, base {args.dtype}", seq=args.seq, batch=args.batch,
-                     lora=f"r={args.rank}", rounds=args.rounds, warmup=args.warmup))
+    print(
+        conditions(
+            model=f"{args.model} config, base {args.dtype}",
+            seq=args.seq,
+            batch=args.batch,
+            lora=f"r={args.rank}",
+            rounds=args.rounds,
+            warmup=args.warmup,
+        )
+    )
     times: dict[str, list[float]] = {m: [] for m in runs}
     for index, ids in enumerate(batches):
         for method, (model, opt) in runs.items():
@@ -68,8 +83,10 @@ def main() -> None:
     # the median drops the probe steps (one in ten); the mean over whole probe intervals pays for them
     interval = 10
     whole = (len(next(iter(times.values()))) // interval) * interval
-    print(f"{'method':18s} {'median s':>8s} {'p20-p80 s':>13s} {'vs baseline':>11s} {'mean s*':>8s} "
-          f"{'vs baseline*':>12s}  baseline")
+    print(
+        f"{'method':18s} {'median s':>8s} {'p20-p80 s':>13s} {'vs baseline':>11s} {'mean s*':>8s} "
+        f"{'vs baseline*':>12s}  baseline"
+    )
     for method, values in times.items():
         baseline = "lora+ckpt" if method.endswith("+ckpt") else "lora"
         ref = times.get(baseline)
@@ -77,11 +94,16 @@ def main() -> None:
         mean = sum(values[:whole]) / whole if whole else float("nan")
         mean_ratio = f"{mean / (sum(ref[:whole]) / whole):12.2f}" if ref and whole else "           -"
         q20, q80 = quantiles(values)
-        print(f"{method:18s} {median(values):8.2f} {q20:6.2f}-{q80:6.2f} {ratio} {mean:8.2f} {mean_ratio}  "
-              f"{baseline if ref else '-'}")
-    print(f"* mean over the first {whole} measured steps: whole probe intervals (a probe round every {interval} "
-          "steps), so IST pays for its probes; the median leaves them out" if whole else
-          f"* fewer than {interval} measured rounds: no whole probe interval, no probe-amortised mean")
+        print(
+            f"{method:18s} {median(values):8.2f} {q20:6.2f}-{q80:6.2f} {ratio} {mean:8.2f} {mean_ratio}  "
+            f"{baseline if ref else '-'}"
+        )
+    print(
+        f"* mean over the first {whole} measured steps: whole probe intervals (a probe round every {interval} "
+        "steps), so IST pays for its probes; the median leaves them out"
+        if whole
+        else f"* fewer than {interval} measured rounds: no whole probe interval, no probe-amortised mean"
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,13 @@ def weekday_task(num_train: int = 4000, num_eval: int = 256, seed: int = 0) -> T
         out = []
         for _ in range(n):
             day, offset = rng.randrange(7), rng.randint(1, 6)
-            out.append(Example(f"Today is {DAYS[day]}. In {offset} days it will be",
-                               tuple(" " + d for d in DAYS), (day + offset) % 7))
+            out.append(
+                Example(
+                    f"Today is {DAYS[day]}. In {offset} days it will be",
+                    tuple(" " + d for d in DAYS),
+                    (day + offset) % 7,
+                )
+            )
         return out
 
     return Task("weekday arithmetic (generated)", draw(num_train), draw(num_eval), draw(num_eval))
@@ -114,7 +119,9 @@ def load_task(path: str | Path, num_eval: int = 256, seed: int = 0) -> Task:
     train, val, test = [], [], []
     for folder in parts:
         if not (folder / "train.json").exists() or not (folder / "test.json").exists():
-            raise ValueError(f"{folder}: expected an SST-2 folder or an LLM-Adapters folder with train.json and test.json")
+            raise ValueError(
+                f"{folder}: expected an SST-2 folder or an LLM-Adapters folder with train.json and test.json"
+            )
         items = [_alpaca_choices(x) for x in json.loads((folder / "train.json").read_text(encoding="utf-8"))]
         folder_train, folder_val = _carve(items, num_eval // len(parts), seed)
         folder_test = [_alpaca_choices(x) for x in json.loads((folder / "test.json").read_text(encoding="utf-8"))]

@@ -31,8 +31,18 @@ from pathlib import Path
 
 import torch
 from common import conditions
-from finetune import (Batches, HFTokens, RunConfig, RunResult, WordTokenizer, check_arm, evaluate, layer_choice_report,
-                      tiny_model, train_run)
+from finetune import (
+    Batches,
+    HFTokens,
+    RunConfig,
+    RunResult,
+    WordTokenizer,
+    check_arm,
+    evaluate,
+    layer_choice_report,
+    tiny_model,
+    train_run,
+)
 from tasks import load_task, weekday_task
 from tqdm import tqdm
 
@@ -84,8 +94,15 @@ def plot(results: dict[str, RunResult], out: Path, title: str) -> list[Path]:
         values = torch.tensor(result.importance).T  # (L, updates)
         fig, ax = plt.subplots(figsize=(7, 5))
         bound = max(values.abs().max().item(), 1e-6)
-        image = ax.imshow(values, aspect="auto", cmap="coolwarm", vmin=-bound, vmax=bound, origin="lower",
-                          extent=(0.5, values.shape[1] + 0.5, -0.5, values.shape[0] - 0.5))
+        image = ax.imshow(
+            values,
+            aspect="auto",
+            cmap="coolwarm",
+            vmin=-bound,
+            vmax=bound,
+            origin="lower",
+            extent=(0.5, values.shape[1] + 0.5, -0.5, values.shape[0] - 0.5),
+        )
         ax.set_xlabel(f"importance update (every {result.config.probe_interval} steps)")
         ax.set_ylabel("layer")
         ax.set_title(f"{arm}: per-layer importance over training")
@@ -100,13 +117,19 @@ def plot(results: dict[str, RunResult], out: Path, title: str) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="SST-2 folder, or LLM-Adapters folder(s) joined by commas (default: generated)")
-    parser.add_argument("--arms", default="lora,ist,random", help="comma-separated: lora, ist, ist-paper, random, policy:NAME")
+    parser.add_argument(
+        "--arms", default="lora,ist,random", help="comma-separated: lora, ist, ist-paper, random, policy:NAME"
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4, help="LoRA-all's lr")
-    parser.add_argument("--sparse-lr-scale", type=float, default=None,
-                        help="lr multiplier of the sparse arms (default 1 / active-layers: each layer trains in that "
-                             "fraction of the steps; see the README's evidence section)")
+    parser.add_argument(
+        "--sparse-lr-scale",
+        type=float,
+        default=None,
+        help="lr multiplier of the sparse arms (default 1 / active-layers: each layer trains in that "
+        "fraction of the steps; see the README's evidence section)",
+    )
     parser.add_argument("--active-layers", type=float, default=0.25)
     parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--importance-lr", type=float, default=10.0)
@@ -124,9 +147,20 @@ def main() -> None:
     task = load_task(args.data, args.eval_size, args.seed) if args.data else weekday_task(num_eval=args.eval_size)
     model, tokens = load_model(args.model, task, args.device)
     batches = Batches(tokens, task)
-    print(conditions(model=args.model, task=task.name, steps=args.steps, batch=args.batch, lr=args.lr,
-                     sparse_lr_scale=args.sparse_lr_scale, active_layers=args.active_layers,
-                     probe_interval=args.probe_interval, seed=args.seed, device_arg=args.device))
+    print(
+        conditions(
+            model=args.model,
+            task=task.name,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            sparse_lr_scale=args.sparse_lr_scale,
+            active_layers=args.active_layers,
+            probe_interval=args.probe_interval,
+            seed=args.seed,
+            device_arg=args.device,
+        )
+    )
     zero_shot = evaluate(model, batches, task.test)
     print(f"zero-shot: accuracy {zero_shot['accuracy']:.3f} on {len(task.test)} held-out examples")
 
@@ -136,26 +170,40 @@ def main() -> None:
     with tqdm(total=args.steps * len(arms), desc="training", unit="step") as bar:
         for arm in arms:
             bar.set_postfix_str(arm)
-            config = RunConfig(arm, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                               sparse_lr_scale=args.sparse_lr_scale, active_layers=args.active_layers,
-                               probe_interval=args.probe_interval, importance_lr=args.importance_lr,
-                               seed=args.seed, eval_at=eval_at)
+            config = RunConfig(
+                arm,
+                steps=args.steps,
+                batch_size=args.batch,
+                lr=args.lr,
+                sparse_lr_scale=args.sparse_lr_scale,
+                active_layers=args.active_layers,
+                probe_interval=args.probe_interval,
+                importance_lr=args.importance_lr,
+                seed=args.seed,
+                eval_at=eval_at,
+            )
             results[arm] = train_run(model, batches, task, config, progress=bar.update)
             finals[arm] = evaluate(results[arm].model, batches, task.test)
 
     print()
-    header = (f"{'arm':10s} {'lr':>7s} {'zero-shot':>9s} {'accuracy':>8s} {'val loss':>8s} {'peak MiB':>8s} "
-              f"{'s/step':>7s} {'median':>7s}")
+    header = (
+        f"{'arm':10s} {'lr':>7s} {'zero-shot':>9s} {'accuracy':>8s} {'val loss':>8s} {'peak MiB':>8s} "
+        f"{'s/step':>7s} {'median':>7s}"
+    )
     print(header)
     for arm, result in results.items():
         mean, median = per_step(result)
         peak = f"{result.peak_bytes / 2**20:8.0f}" if result.peak_bytes is not None else f"{'-':>8s}"
         val_loss = result.evals[args.steps]["loss"]
         lr = args.lr * (1.0 if arm == "lora" else args.sparse_lr_scale)
-        print(f"{arm:10s} {lr:7.1e} {zero_shot['accuracy']:9.3f} {finals[arm]['accuracy']:8.3f} {val_loss:8.3f} {peak} "
-              f"{mean:7.3f} {median:7.3f}")
-    print("accuracy: held-out test examples after the last step; val loss: validation split; peak: weights + "
-          "optimizer state + the peak of one step's allocations; s/step: mean with probe rounds included, and median")
+        print(
+            f"{arm:10s} {lr:7.1e} {zero_shot['accuracy']:9.3f} {finals[arm]['accuracy']:8.3f} {val_loss:8.3f} {peak} "
+            f"{mean:7.3f} {median:7.3f}"
+        )
+    print(
+        "accuracy: held-out test examples after the last step; val loss: validation split; peak: weights + "
+        "optimizer state + the peak of one step's allocations; s/step: mean with probe rounds included, and median"
+    )
     for arm, result in results.items():
         if result.importance:
             final = ", ".join(f"{v:+.2f}" for v in result.importance[-1])

@@ -20,5 +20,5 @@ for batch in batches(args.steps, 256):
     accelerator.backward(loss)
     opt.step()
     opt.zero_grad()
-# --8<-- [end:accelerate]
+    # --8<-- [end:accelerate]
     accelerator.print(f"loss {loss.item():.3f}")

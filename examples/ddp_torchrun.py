@@ -19,22 +19,30 @@ from ist_optim import ISTAdamW
 
 args = parse_args(__doc__)
 if "RANK" not in os.environ:  # not under torchrun: start it
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               *sys.argv[1:]]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        *sys.argv[1:],
+    ]
     sys.exit(subprocess.call(command))
 
 # --8<-- [start:ddp]
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 rank = dist.get_rank()
 device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
-base = base_model(args.smollm2).to(device)      # the same weights on every rank (seeded)
+base = base_model(args.smollm2).to(device)  # the same weights on every rank (seeded)
 model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 # unselected layers get no gradient in a step: DDP must be told (IST refuses the wrapper otherwise)
 ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 opt = ISTAdamW(ddp, lr=2e-3, active_layers=0.25, probe_interval=2)  # the DDP wrapper, not the inner model
 for step, batch in enumerate(batches(2 * args.steps, base.config.vocab_size)):
     if step % dist.get_world_size() != rank:
-        continue                                 # a stand-in for DistributedSampler: each rank its own batches
+        continue  # a stand-in for DistributedSampler: each rank its own batches
     loss = ddp(**{k: v.to(device) for k, v in batch.items()}).loss
     loss.backward()
     opt.step()

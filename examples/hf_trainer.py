@@ -20,9 +20,16 @@ train_set = [{k: v[i] for k, v in b.items()} for b in rows for i in range(4)]
 with tempfile.TemporaryDirectory() as out:
     # --8<-- [start:trainer]
     opt = ISTAdamW(model, lr=2e-3, weight_decay=0.0, active_layers=0.25)
-    targs = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                              max_steps=args.steps, save_steps=500, report_to=[], use_cpu=True)
+    targs = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=args.steps,
+        save_steps=500,
+        report_to=[],
+        use_cpu=True,
+    )
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, optimizers=(opt, None))
-    trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
+    trainer.train()  # or trainer.train(resume_from_checkpoint=True)
     # --8<-- [end:trainer]
 print("trained layers at the end:", opt.active_layers, "loss", trainer.state.log_history[-1].get("train_loss"))

@@ -12,11 +12,11 @@ vocab = base.config.vocab_size
 
 # --8<-- [start:loop]
 model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-opt = ISTAdamW(model, lr=2e-3, active_layers=0.25, probe_interval=2)   # LoRA-all's lr / active_layers
+opt = ISTAdamW(model, lr=2e-3, active_layers=0.25, probe_interval=2)  # LoRA-all's lr / active_layers
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
 for batch in batches(args.steps, vocab):
     loss = model(**batch).loss
-    loss.backward()                      # only this step's layers get gradients
+    loss.backward()  # only this step's layers get gradients
     opt.step()
     sched.step()
     opt.zero_grad()

@@ -25,11 +25,14 @@ data = Dataset.from_list([{"input_ids": list(range(i, i + 12))} for i in range(3
 
 with tempfile.TemporaryDirectory() as out:
     # --8<-- [start:trl]
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data,
-                         peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
-                         args=SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=4,
-                                        report_to=[], use_cpu=True),
-                         optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": 2e-3, "active_layers": 0.25}))
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=data,
+        peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+        args=SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=4, report_to=[], use_cpu=True),
+        optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": 2e-3, "active_layers": 0.25}),
+    )
     trainer.train()
     # --8<-- [end:trl]
 print("optimizer:", type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__)

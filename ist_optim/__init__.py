@@ -1,7 +1,7 @@
 """ist-optim: Importance-aware Sparse Tuning (Yao et al. 2024, arXiv 2410.11772) as a drop-in optimizer.
 
-    from ist_optim import ISTAdamW
-    opt = ISTAdamW(peft_model, lr=2e-4)   # instead of torch.optim.AdamW(...)
+from ist_optim import ISTAdamW
+opt = ISTAdamW(peft_model, lr=2e-4)   # instead of torch.optim.AdamW(...)
 """
 
 from .adapters import ParallelAdapter, SeriesAdapter, add_adapters

@@ -39,9 +39,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # e.g. GPT-2's Conv1D stores (in, out)
         return (weight.shape[0], weight.shape[1]) if type(module).__name__ == "Conv1D" else tuple(weight.shape[::-1])
-    raise TypeError(
-        f"cannot infer the features of {type(module).__name__}; adapters wrap nn.Linear-like modules"
-    )
+    raise TypeError(f"cannot infer the features of {type(module).__name__}; adapters wrap nn.Linear-like modules")
 
 
 class BottleneckAdapter(nn.Module):
@@ -57,8 +55,14 @@ class BottleneckAdapter(nn.Module):
     """
 
     def __init__(
-        self, base_layer: nn.Module, in_features: int, out_features: int, bottleneck: int, scale: float,
-        activation: str, dropout: float,
+        self,
+        base_layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        bottleneck: int,
+        scale: float,
+        activation: str,
+        dropout: float,
     ) -> None:
         super().__init__()
         if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
@@ -92,7 +96,11 @@ class ParallelAdapter(BottleneckAdapter):
     """
 
     def __init__(
-        self, base_layer: nn.Module, bottleneck: int = 256, scale: float = 1.0, activation: str = "tanh",
+        self,
+        base_layer: nn.Module,
+        bottleneck: int = 256,
+        scale: float = 1.0,
+        activation: str = "tanh",
         dropout: float = 0.0,
     ) -> None:
         in_features, out_features = _features(base_layer)
@@ -110,8 +118,13 @@ class SeriesAdapter(BottleneckAdapter):
     """
 
     def __init__(
-        self, base_layer: nn.Module, bottleneck: int = 256, scale: float = 1.0, activation: str = "tanh",
-        dropout: float = 0.0, position: str = "output",
+        self,
+        base_layer: nn.Module,
+        bottleneck: int = 256,
+        scale: float = 1.0,
+        activation: str = "tanh",
+        dropout: float = 0.0,
+        position: str = "output",
     ) -> None:
         if position not in ("output", "input"):
             raise ValueError(f"Invalid position: {position!r} (expected 'output' or 'input')")

@@ -177,7 +177,12 @@ def _as_batch(batch: Any) -> ProbeBatch:
         return (), dict(batch)
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
-    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], (tuple, list)) and isinstance(batch[1], Mapping):
+    if (
+        isinstance(batch, tuple)
+        and len(batch) == 2
+        and isinstance(batch[0], (tuple, list))
+        and isinstance(batch[1], Mapping)
+    ):
         return tuple(batch[0]), dict(batch[1])
     raise TypeError(
         f"batch must be a dict of forward keyword arguments, a tensor, or (args, kwargs), but got {type(batch).__name__}"
@@ -280,8 +285,17 @@ def _layer_products(
     return torch.stack([products, squares / m])
 
 
-def _sentence(rho: float | None, gain: float | None, top: list[int], names: list[str], threshold: float,
-              below: int, n: int, rows: int, share: float | None) -> tuple[str, bool | None]:
+def _sentence(
+    rho: float | None,
+    gain: float | None,
+    top: list[int],
+    names: list[str],
+    threshold: float,
+    below: int,
+    n: int,
+    rows: int,
+    share: float | None,
+) -> tuple[str, bool | None]:
     if rho is None or share is None or share <= 0:
         what = "every layer's two-batch product G <= 0" if rho is None else "the layers' products G sum to <= 0"
         return (
@@ -324,7 +338,11 @@ def _top_layers(signal: torch.Tensor) -> list[int]:
 
 
 def _local_products(
-    opt: IST, layers: list[list[torch.Tensor]], batch: Any, loss_inputs: Mapping[str, Any] | None, groups: int,
+    opt: IST,
+    layers: list[list[torch.Tensor]],
+    batch: Any,
+    loss_inputs: Mapping[str, Any] | None,
+    groups: int,
     train_mode: bool,
 ) -> tuple[int, torch.Tensor]:
     """This rank's rows and ``(2, N)`` products, from ``batch`` or the captured one."""

@@ -147,8 +147,12 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(
-            _to_host(tensor.to_local()), tensor.device_mesh, tensor.placements, run_check=False,
-            shape=tensor.shape, stride=tensor.stride(),
+            _to_host(tensor.to_local()),
+            tensor.device_mesh,
+            tensor.placements,
+            run_check=False,
+            shape=tensor.shape,
+            stride=tensor.stride(),
         )
     pinned = tensor.is_cuda and torch.cuda.is_available()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)

@@ -114,9 +114,8 @@ def discover_layers(
             searched = f"the {len(candidates)} modules passed as layers="
         else:
             candidates, lists = _stack_blocks(model, wanted)
-            searched = (
-                f"{len(lists)} nn.ModuleList/nn.Sequential container(s) of {type(model).__name__}"
-                + (f" ({', '.join(lists[:6])}{', ...' if len(lists) > 6 else ''})" if lists else "")
+            searched = f"{len(lists)} nn.ModuleList/nn.Sequential container(s) of {type(model).__name__}" + (
+                f" ({', '.join(lists[:6])}{', ...' if len(lists) > 6 else ''})" if lists else ""
             )
         groups, names, modules = [], [], []
         for block in candidates:

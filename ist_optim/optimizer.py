@@ -223,11 +223,25 @@ class IST(Optimizer):
         _check_model(model)
         check_distributed_model(model)  # DDP/FSDP1 settings IST cannot train under
         options = _validated_options(
-            active_layers=active_layers, probe_layers=probe_layers, num_probes=num_probes, policy=policy,
-            probe_interval=probe_interval, suppression=suppression, importance_lr=importance_lr, rule=rule,
-            reward=reward, probe_mode=probe_mode, probe_rows=probe_rows, kernels=kernels, state_policy=state_policy,
-            backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected, seed=seed,
-            check_consistency=check_consistency, outside_layers=outside_layers, loss_fn=loss_fn,
+            active_layers=active_layers,
+            probe_layers=probe_layers,
+            num_probes=num_probes,
+            policy=policy,
+            probe_interval=probe_interval,
+            suppression=suppression,
+            importance_lr=importance_lr,
+            rule=rule,
+            reward=reward,
+            probe_mode=probe_mode,
+            probe_rows=probe_rows,
+            kernels=kernels,
+            state_policy=state_policy,
+            backward_cut=backward_cut,
+            checkpoint_unselected=checkpoint_unselected,
+            seed=seed,
+            check_consistency=check_consistency,
+            outside_layers=outside_layers,
+            loss_fn=loss_fn,
         )
         probes_enabled = options.pop("probes_enabled")
         if options["seed"] is None:  # rank 0's torch.initial_seed(), broadcast once in a distributed run
@@ -309,7 +323,11 @@ class IST(Optimizer):
         for p in self._frozen_outside:
             optimizer.state.pop(p, None)  # no optimizer state for what never trains
         self.hooks = ModelHooks(
-            model, self.layer_map, owner=self, backward_cut=backward_cut, checkpoint_unselected=checkpoint_unselected,
+            model,
+            self.layer_map,
+            owner=self,
+            backward_cut=backward_cut,
+            checkpoint_unselected=checkpoint_unselected,
             frozen=self._frozen_outside,
         )
         if self.probes_enabled and loss_fn is None:
@@ -698,8 +716,21 @@ OUTSIDE_LAYERS = ("train", "freeze")
 
 _CHECKPOINTED_OPTIONS = (
     "policy",
-    "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule", "reward",
-    "probe_mode", "probe_rows", "state_policy", "backward_cut", "checkpoint_unselected", "seed", "outside_layers",
+    "active_layers",
+    "probe_layers",
+    "num_probes",
+    "probe_interval",
+    "suppression",
+    "importance_lr",
+    "rule",
+    "reward",
+    "probe_mode",
+    "probe_rows",
+    "state_policy",
+    "backward_cut",
+    "checkpoint_unselected",
+    "seed",
+    "outside_layers",
 )
 
 
@@ -724,9 +755,25 @@ def _replace_earlier_hooks(model: nn.Module) -> None:
 
 
 def _validated_options(
-    *, active_layers: Any, probe_layers: Any, num_probes: Any, policy: Any, probe_interval: Any, suppression: Any,
-    importance_lr: Any, rule: Any, reward: Any, probe_mode: Any, probe_rows: Any, kernels: Any, state_policy: Any,
-    backward_cut: Any, checkpoint_unselected: Any, seed: Any, check_consistency: Any, outside_layers: Any,
+    *,
+    active_layers: Any,
+    probe_layers: Any,
+    num_probes: Any,
+    policy: Any,
+    probe_interval: Any,
+    suppression: Any,
+    importance_lr: Any,
+    rule: Any,
+    reward: Any,
+    probe_mode: Any,
+    probe_rows: Any,
+    kernels: Any,
+    state_policy: Any,
+    backward_cut: Any,
+    checkpoint_unselected: Any,
+    seed: Any,
+    check_consistency: Any,
+    outside_layers: Any,
     loss_fn: Any,
 ) -> dict[str, Any]:
     """IST's options checked (clear errors, before anything is changed) and normalised to Python numbers and
@@ -794,8 +841,10 @@ def _validated_options(
             options[key] = float(value)  # its range is checked against the layer count by the policy
         else:
             raise TypeError(f"{key} must be an int count or a float fraction, but got {type(value).__name__}")
-    if isinstance(importance_lr, bool) or not isinstance(importance_lr, numbers.Real) or not (
-        0.0 <= float(importance_lr) < math.inf
+    if (
+        isinstance(importance_lr, bool)
+        or not isinstance(importance_lr, numbers.Real)
+        or not (0.0 <= float(importance_lr) < math.inf)
     ):
         raise ValueError(f"Invalid importance_lr: {importance_lr} (need a finite float >= 0)")
     options["importance_lr"] = float(importance_lr)

@@ -28,8 +28,15 @@ from torch import nn
 from .suppression import suppress
 
 __all__ = [
-    "PROBE_MODES", "ProbeBatch", "ProbeLossMissing", "probe_losses", "eval_mode", "hf_causal_lm_loss", "check_probe_rows",
-    "probe_row_count", "take_rows",
+    "PROBE_MODES",
+    "ProbeBatch",
+    "ProbeLossMissing",
+    "probe_losses",
+    "eval_mode",
+    "hf_causal_lm_loss",
+    "check_probe_rows",
+    "probe_row_count",
+    "take_rows",
 ]
 
 PROBE_MODES = ("sequential", "batched")

@@ -149,9 +149,7 @@ def _check_not_merged(module: nn.Module) -> None:
         )
 
 
-def _scale_for_forwards(
-    module: nn.Module, beta: float | _Column, apply: Callable[[Any], None], restore: Undo
-) -> Undo:
+def _scale_for_forwards(module: nn.Module, beta: float | _Column, apply: Callable[[Any], None], restore: Undo) -> Undo:
     """``apply(beta)`` for the duration; per-row betas around each forward, as the row count is in the input.
 
     ``apply`` multiplies a factor the adapter term is linear in (LoRA's ``scaling``, an adapter's ``scale``)
@@ -288,9 +286,7 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 @contextmanager
-def suppress(
-    adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor, *, kernels: str = "auto"
-) -> Iterator[None]:
+def suppress(adapters: Sequence[Sequence[nn.Module]], beta: torch.Tensor, *, kernels: str = "auto") -> Iterator[None]:
     """Scale each layer's adapter outputs by its beta inside the block.
 
     Args:

@@ -34,7 +34,12 @@ def tiny_llama(num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.fl
 
 
 def tiny_peft_llama(
-    num_layers: int = 4, *, dora: bool = False, rslora: bool = False, dropout: float = 0.0, seed: int = 0,
+    num_layers: int = 4,
+    *,
+    dora: bool = False,
+    rslora: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Tiny LLaMA with peft LoRA (or DoRA) on q, k, v, up, down; B made non-zero so adapters matter."""
@@ -42,7 +47,11 @@ def tiny_peft_llama(
 
     model = tiny_llama(num_layers, seed, dtype)
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=dropout, use_dora=dora, use_rslora=rslora,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        use_dora=dora,
+        use_rslora=rslora,
         target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
     )
     model = get_peft_model(model, config)

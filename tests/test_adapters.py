@@ -55,8 +55,10 @@ def test_forward_equals_the_hand_written_formula(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_fresh_adapter_leaves_the_output_unchanged(kind):
     base = nn.Linear(6, 5)
-    module = ParallelAdapter(base, bottleneck=3) if kind == "parallel" else SeriesAdapter(
-        base, bottleneck=3, position=kind.split("_")[1]
+    module = (
+        ParallelAdapter(base, bottleneck=3)
+        if kind == "parallel"
+        else SeriesAdapter(base, bottleneck=3, position=kind.split("_")[1])
     )
     x = torch.randn(4, 6)
     assert torch.equal(module(x), base(x))
@@ -82,7 +84,9 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=4, n_head=2, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=4, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -114,8 +118,12 @@ def test_ist_trains_the_adapters_inserted_into_hf_models(setup):
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad()
-        trained = {opt.layer_names.index(name) for name in opt.layer_names for n, p in model.named_parameters()
-                   if n.startswith(name + ".") and not torch.equal(p, before[n])}
+        trained = {
+            opt.layer_names.index(name)
+            for name in opt.layer_names
+            for n, p in model.named_parameters()
+            if n.startswith(name + ".") and not torch.equal(p, before[n])
+        }
         assert trained == set(selected)
     with torch.no_grad():
         assert model(**batch).loss.item() < start

@@ -17,8 +17,9 @@ DATA = ROOT.parent / "shared" / "data"
 
 def run(script: str, *args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -34,8 +35,21 @@ def table_rows(output: str, arms: list[str]) -> dict[str, list[str]]:
 
 def test_main_job_smoke(tmp_path):
     pytest.importorskip("matplotlib")
-    out = run("train.py", "--model", "tiny", "--steps", "6", "--eval-every", "3", "--probe-interval", "2",
-              "--eval-size", "32", "--out", str(tmp_path))
+    out = run(
+        "train.py",
+        "--model",
+        "tiny",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--probe-interval",
+        "2",
+        "--eval-size",
+        "32",
+        "--out",
+        str(tmp_path),
+    )
     rows = table_rows(out, ["lora", "ist", "random"])
     assert set(rows) == {"lora", "ist", "random"}
     assert len({r[1] for r in rows.values()}) == 1  # one zero-shot accuracy: every arm starts from the same model
@@ -49,24 +63,63 @@ def test_main_job_smoke(tmp_path):
 @pytest.mark.parametrize("data", ["llmadapters/ARC-Easy", "sst2"])
 def test_main_job_reads_a_real_dataset(tmp_path, data):
     pytest.importorskip("matplotlib")
-    out = run("train.py", "--model", "tiny", "--data", str(DATA / data), "--arms", "lora,ist",
-              "--steps", "2", "--eval-every", "2", "--probe-interval", "1", "--eval-size", "8", "--out", str(tmp_path))
+    out = run(
+        "train.py",
+        "--model",
+        "tiny",
+        "--data",
+        str(DATA / data),
+        "--arms",
+        "lora,ist",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--probe-interval",
+        "1",
+        "--eval-size",
+        "8",
+        "--out",
+        str(tmp_path),
+    )
     assert set(table_rows(out, ["lora", "ist"])) == {"lora", "ist"}
 
 
 def test_quality_benchmark_smoke_resumes_and_summarizes(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "quality.jsonl"
-    args = ["--model", "tiny", "--setting", "weekday", "--arms", "lora,ist,ist-paper,random", "--policy", "gradnorm",
-            "--seeds", "0,1",
-            "--budgets", "2,4", "--sparse-lr-scales", "1,4", "--probe-interval", "2", "--eval-size", "16",
-            "--out", str(results)]
+    args = [
+        "--model",
+        "tiny",
+        "--setting",
+        "weekday",
+        "--arms",
+        "lora,ist,ist-paper,random",
+        "--policy",
+        "gradnorm",
+        "--seeds",
+        "0,1",
+        "--budgets",
+        "2,4",
+        "--sparse-lr-scales",
+        "1,4",
+        "--probe-interval",
+        "2",
+        "--eval-size",
+        "16",
+        "--out",
+        str(results),
+    ]
     out = run("quality.py", *args)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     # lora once per seed, each sparse arm (the --policy one too) once per seed and lr scale
     assert len(records) == 2 * (1 + 4 * 2)
     assert {(r["arm"], r["sparse_lr_scale"]) for r in records} >= {
-        ("lora", 1.0), ("ist", 4.0), ("random", 1.0), ("policy:gradnorm", 4.0)}
+        ("lora", 1.0),
+        ("ist", 4.0),
+        ("random", 1.0),
+        ("policy:gradnorm", 4.0),
+    }
     ist = next(r for r in records if r["arm"] == "ist")
     assert set(ist["val"]) == {"2", "4"} and len(ist["importance"]) == 2 and sum(ist["layer_counts"]) == 4 * 1
     assert all(("layer_choice" in r) == (r["arm"] != "lora") for r in records)  # the diagnostic per sparse run
@@ -90,9 +143,25 @@ def _bench_module(name: str):
 def test_quality_benchmark_runs_the_seed_and_safe_policies(tmp_path):
     """LISA, SafeImportance and layer-wise CKA (ranked on calibration batches of the task) as quality arms."""
     results = tmp_path / "quality.jsonl"
-    run("quality.py", "--model", "tiny", "--setting", "weekday", "--arms",
-        "lora,policy:lisa,policy:safe,policy:layerwise_cka", "--seeds", "0", "--budgets", "3",
-        "--sparse-lr-scales", "4", "--eval-size", "16", "--out", str(results))
+    run(
+        "quality.py",
+        "--model",
+        "tiny",
+        "--setting",
+        "weekday",
+        "--arms",
+        "lora,policy:lisa,policy:safe,policy:layerwise_cka",
+        "--seeds",
+        "0",
+        "--budgets",
+        "3",
+        "--sparse-lr-scales",
+        "4",
+        "--eval-size",
+        "16",
+        "--out",
+        str(results),
+    )
     records = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(records) == {"lora", "policy:lisa", "policy:safe", "policy:layerwise_cka"}
     cka = records["policy:layerwise_cka"]["layer_counts"]
@@ -123,11 +192,26 @@ def test_quality_summary_keeps_runs_with_other_options_apart(tmp_path, capsys):
     out = tmp_path / "q.jsonl"
 
     def record(arm: str, seed: int, batch: int, accuracy: float, **extra) -> dict:
-        return {"setting": "weekday", "model": "tiny", "arm": arm, "seed": seed, "lr": 5e-4, "steps": 4, "batch": batch,
-                "sparse_lr_scale": 1.0 if arm == "lora" else 4.0, "probe_interval": 2, "importance_lr": 10.0,
-                "val": {"4": {"accuracy": accuracy, "loss": 1.0}}, "test": {"accuracy": accuracy},
-                "step_seconds": [1.0], "probe_step": [False], "peak_bytes": 2**20, "importance": [],
-                "layer_counts": [1, 1], **extra}
+        return {
+            "setting": "weekday",
+            "model": "tiny",
+            "arm": arm,
+            "seed": seed,
+            "lr": 5e-4,
+            "steps": 4,
+            "batch": batch,
+            "sparse_lr_scale": 1.0 if arm == "lora" else 4.0,
+            "probe_interval": 2,
+            "importance_lr": 10.0,
+            "val": {"4": {"accuracy": accuracy, "loss": 1.0}},
+            "test": {"accuracy": accuracy},
+            "step_seconds": [1.0],
+            "probe_step": [False],
+            "peak_bytes": 2**20,
+            "importance": [],
+            "layer_counts": [1, 1],
+            **extra,
+        }
 
     records = [record("lora", s, 16, 0.80) for s in (0, 1)] + [record("random", s, 16, 0.795) for s in (0, 1)]
     records += [record("lora", s, 8, 0.60) for s in (0, 1)] + [record("random", s, 8, 0.40) for s in (0, 1)]
@@ -152,7 +236,9 @@ def test_quality_summary_keeps_runs_with_other_options_apart(tmp_path, capsys):
 
 @pytest.mark.parametrize("model", ["tiny", "gpt2"])
 def test_step_split_smoke(model):
-    out = run("step_split.py", "--model", model, "--seq", "16", "--rounds", "4", "--warmup", "1", "--probe-interval", "2")
+    out = run(
+        "step_split.py", "--model", model, "--seq", "16", "--rounds", "4", "--warmup", "1", "--probe-interval", "2"
+    )
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["lora"], ["ist"])}
     assert set(rows) == {"lora", "ist"}
     assert float(rows["ist"][3]) > 0 and float(rows["lora"][3]) == 0  # only IST has probe rounds
@@ -160,8 +246,23 @@ def test_step_split_smoke(model):
 
 
 def test_step_split_times_probe_rows_arms_and_random():
-    out = run("step_split.py", "--model", "tiny", "--seq", "16", "--rounds", "4", "--warmup", "1", "--probe-interval",
-              "2", "--probe-rows", "1.0", "2", "--random")
+    out = run(
+        "step_split.py",
+        "--model",
+        "tiny",
+        "--seq",
+        "16",
+        "--rounds",
+        "4",
+        "--warmup",
+        "1",
+        "--probe-interval",
+        "2",
+        "--probe-rows",
+        "1.0",
+        "2",
+        "--random",
+    )
     rows = {}
     for line in out.splitlines():  # the table's rows, not the summary lines after it
         if line.split()[:1] in (["lora"], ["ist"], ["ist@2"], ["random"]):
@@ -175,15 +276,35 @@ def test_quality_benchmark_keeps_estimator_options_apart(tmp_path):
     """A run with reward="standardized" / probe_layers=1 is a run of its own, resumed and tabled as its own group."""
     pytest.importorskip("matplotlib")
     results = tmp_path / "quality.jsonl"
-    common = ["--model", "tiny", "--setting", "weekday", "--arms", "ist", "--seeds", "0", "--budgets", "2",
-              "--sparse-lr-scales", "4", "--probe-interval", "1", "--eval-size", "8", "--out", str(results)]
+    common = [
+        "--model",
+        "tiny",
+        "--setting",
+        "weekday",
+        "--arms",
+        "ist",
+        "--seeds",
+        "0",
+        "--budgets",
+        "2",
+        "--sparse-lr-scales",
+        "4",
+        "--probe-interval",
+        "1",
+        "--eval-size",
+        "8",
+        "--out",
+        str(results),
+    ]
     # same importance_lr as the default run: only the estimator options tell the two runs apart
     standardized = [*common, "--reward", "standardized", "--probe-layers", "1"]
     run("quality.py", *common)
     out = run("quality.py", *standardized)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["reward"], r["probe_layers"], r["importance_lr"]) for r in records] == [
-        ("difference", 0.5, 10.0), ("standardized", 1, 10.0)]
+        ("difference", 0.5, 10.0),
+        ("standardized", 1, 10.0),
+    ]
     assert records[0]["importance"] != records[1]["importance"]  # the option reached the optimizer
     assert "ist probe_layers=1,reward=standardized,mu=10 lr x4" in out and "\nist lr x4" in out
     run("quality.py", *standardized)  # resumed: nothing re-run
@@ -192,8 +313,23 @@ def test_quality_benchmark_keeps_estimator_options_apart(tmp_path):
 
 def test_importance_study_smoke(tmp_path):
     out_json = tmp_path / "study.json"
-    out = run("importance_study.py", "--model", "tiny", "--train-steps", "6", "--batches", "3", "--masks", "2",
-              "--replays", "3", "--out", str(out_json), "--probe-rows", "4")
+    out = run(
+        "importance_study.py",
+        "--model",
+        "tiny",
+        "--train-steps",
+        "6",
+        "--batches",
+        "3",
+        "--masks",
+        "2",
+        "--replays",
+        "3",
+        "--out",
+        str(out_json),
+        "--probe-rows",
+        "4",
+    )
     data = json.loads(out_json.read_text())
     assert len(data["rows"]) == 3 and len(data["rows"][0]["single"]) == data["layers"] == 4
     assert len(data["importance"]) == 1  # one probe round at probe_interval=5 in 6 steps
@@ -210,12 +346,33 @@ def test_quality_benchmark_classifier_smoke(tmp_path):
     """--model tiny-bert: an encoder with a classification head (the MiniLM setting's code path), every arm."""
     pytest.importorskip("matplotlib")
     results = tmp_path / "quality.jsonl"
-    args = ["--model", "tiny-bert", "--setting", "weekday", "--arms", "lora,ist,random", "--seeds", "0",
-            "--budgets", "2,4", "--sparse-lr-scales", "4", "--probe-interval", "2", "--eval-size", "16",
-            "--out", str(results)]
+    args = [
+        "--model",
+        "tiny-bert",
+        "--setting",
+        "weekday",
+        "--arms",
+        "lora,ist,random",
+        "--seeds",
+        "0",
+        "--budgets",
+        "2,4",
+        "--sparse-lr-scales",
+        "4",
+        "--probe-interval",
+        "2",
+        "--eval-size",
+        "16",
+        "--out",
+        str(results),
+    ]
     out = run("quality.py", *args)
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [(r["model"], r["arm"]) for r in records] == [("tiny-bert", "lora"), ("tiny-bert", "ist"), ("tiny-bert", "random")]
+    assert [(r["model"], r["arm"]) for r in records] == [
+        ("tiny-bert", "lora"),
+        ("tiny-bert", "ist"),
+        ("tiny-bert", "random"),
+    ]
     ist = next(r for r in records if r["arm"] == "ist")
     assert len(ist["importance"]) == 2 and len(ist["layer_counts"]) == 4  # the 4 encoder blocks are the layers
     assert "ist lr x4" in out and (tmp_path / "quality_weekday_tiny-bert.png").stat().st_size > 0

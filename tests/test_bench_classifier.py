@@ -60,8 +60,9 @@ def test_classifier_evaluate_matches_a_hand_computed_argmax_and_loss(task):
     model = add_lora(tiny_classifier(tokens, num_labels=7), 4, seed=0)
     got = evaluate(model, batches, task.val, batch_size=5)  # several chunks, one ragged
     with torch.no_grad():
-        logits = torch.cat([model(**{k: v for k, v in batches.train_batch([ex]).items() if k != "labels"}).logits
-                            for ex in task.val]).double()
+        logits = torch.cat(
+            [model(**{k: v for k, v in batches.train_batch([ex]).items() if k != "labels"}).logits for ex in task.val]
+        ).double()
     target = torch.tensor([ex.answer for ex in task.val])
     assert got["accuracy"] == (logits.argmax(-1) == target).double().mean().item()
     assert got["loss"] == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-5)
@@ -85,8 +86,16 @@ def test_continuation_loss_on_the_kept_positions_equals_the_full_loss():
     """Causal-LM answers (commonsense, --data): left-padded with logits_to_keep, the loss is the answers' mean NLL."""
     from finetune import forward_loss, tiny_model
 
-    task = Task("mc", [Example("q one two", (" yes sir", " no"), 0), Example("q three", (" yes sir", " no"), 1),
-                       Example("q four five six seven", (" maybe so so", " no"), 0)], [], [])
+    task = Task(
+        "mc",
+        [
+            Example("q one two", (" yes sir", " no"), 0),
+            Example("q three", (" yes sir", " no"), 1),
+            Example("q four five six seven", (" maybe so so", " no"), 0),
+        ],
+        [],
+        [],
+    )
     tokens = WordTokenizer.for_task(task)
     batches = Batches(tokens, task)
     assert not batches.verbalizer  # multi-token answers: a continuation task
@@ -121,7 +130,9 @@ def test_continuation_evaluate_scores_each_choice_by_its_summed_log_likelihood()
             prompt, scores = tokens.encode(ex.prompt), []
             for choice in ex.choices:
                 answer = tokens.encode(choice)
-                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1], -1)
+                logp = torch.log_softmax(
+                    model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1], -1
+                )
                 scores.append((logp.gather(-1, torch.tensor(answer)[:, None]).sum().item(), len(answer)))
             correct += max(range(len(scores)), key=lambda i: scores[i][0]) == ex.answer
             losses.append(-scores[ex.answer][0] / scores[ex.answer][1])
@@ -146,8 +157,17 @@ def test_lr_follows_rate_gives_each_layer_lr_times_min_of_scale_and_inverse_rate
     task = weekday_task(num_train=64, num_eval=8)
     tokens = WordTokenizer.for_task(task)
     batches = Batches(tokens, task)
-    config = RunConfig("ist-paper", steps=9, batch_size=4, lr=1e-3, sparse_lr_scale=4.0, probe_interval=3,
-                       importance_lr=100.0, lr_follows_rate=True, measure_memory=False)
+    config = RunConfig(
+        "ist-paper",
+        steps=9,
+        batch_size=4,
+        lr=1e-3,
+        sparse_lr_scale=4.0,
+        probe_interval=3,
+        importance_lr=100.0,
+        lr_follows_rate=True,
+        measure_memory=False,
+    )
     result = train_run(tiny_model(tokens), batches, task, config)
     opt = result.optimizer
     assert len(opt.param_groups) == 4 and sum(result.layer_counts) == 9  # one group per block; 1 of 4 a step

@@ -222,7 +222,9 @@ def test_load_state_dict_validates_before_changing_anything():
     other = tiny_peft_llama(num_layers=4)
     source = ISTAdamW(other, lr=0.5, layers=other.get_base_model().model.layers[:3], num_probes=0)
     saved = source.state_dict()
-    opt = ISTAdamW(model, lr=1e-2, num_probes=0, params=[{"params": [p for p in model.parameters() if p.requires_grad]}])
+    opt = ISTAdamW(
+        model, lr=1e-2, num_probes=0, params=[{"params": [p for p in model.parameters() if p.requires_grad]}]
+    )
     before = copy.deepcopy(opt.optimizer.state_dict())
     with pytest.raises(ValueError, match="checkpoint is for 3 layers"):
         opt.load_state_dict(saved)
@@ -281,9 +283,14 @@ def test_global_optimizer_step_hooks_fire_once_per_step():
 def test_fused_adamw_under_grad_scaler_equals_plain_fused_adamw():
     model, reference = tiny_peft_llama(), tiny_peft_llama()
     opt = ISTAdamW(model, lr=1e-2, active_layers=1.0, num_probes=0, fused=True)
-    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2, fused=True, weight_decay=0.0)
+    ref_opt = torch.optim.AdamW(
+        [p for p in reference.parameters() if p.requires_grad], lr=1e-2, fused=True, weight_decay=0.0
+    )
     assert opt._step_supports_amp_scaling
-    scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16), torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler, ref_scaler = (
+        torch.amp.GradScaler("cpu", init_scale=2.0**16),
+        torch.amp.GradScaler("cpu", init_scale=2.0**16),
+    )
     for step in range(4):
         for m, o, s in ((model, opt, scaler), (reference, ref_opt, ref_scaler)):
             s.scale(m(**lm_batch(seed=step)).loss).backward()
@@ -320,8 +327,13 @@ def test_suppression_one_is_fine_without_probes():
 
 def test_numpy_integers_are_accepted():
     opt = ISTAdamW(
-        tiny_peft_llama(), lr=1e-2, active_layers=np.int64(2), probe_layers=np.int32(2), num_probes=np.int64(2),
-        probe_interval=np.int64(3), seed=np.int64(5),
+        tiny_peft_llama(),
+        lr=1e-2,
+        active_layers=np.int64(2),
+        probe_layers=np.int32(2),
+        num_probes=np.int64(2),
+        probe_interval=np.int64(3),
+        seed=np.int64(5),
     )
     assert opt.scheduler.num_active == 2 and opt.options["probe_interval"] == 3
     assert type(opt.state_dict()["ist"]["options"]["active_layers"]) is int
@@ -359,8 +371,12 @@ def test_deepcopy_of_model_and_optimizer_together_in_either_order():
         train(copied_model, copied_opt, 2)  # steps (no "hooks were removed") and trains its selection only
         assert copied_opt.num_steps == 3
         trainable = {n for n, p in copied_model.named_parameters() if p.requires_grad}
-        selected = {n for n, p in copied_model.named_parameters()
-                    for i in copied_opt.active_layers if n.startswith(copied_opt.layer_names[i] + ".") and "lora_" in n}
+        selected = {
+            n
+            for n, p in copied_model.named_parameters()
+            for i in copied_opt.active_layers
+            if n.startswith(copied_opt.layer_names[i] + ".") and "lora_" in n
+        }
         assert trainable == selected
 
 
@@ -414,8 +430,14 @@ def test_set_loss_inputs_reaches_the_probe_loss():
         opt.zero_grad()
     # Reference: the same run with each step's target baked into the loss function by hand.
     current = {}
-    ref_opt = ISTAdamW(reference, lr=1e-2, probe_interval=1, importance_lr=100.0, seed=0,
-                       loss_fn=lambda output, *args, **kwargs: loss_fn(output, target=current["target"]))
+    ref_opt = ISTAdamW(
+        reference,
+        lr=1e-2,
+        probe_interval=1,
+        importance_lr=100.0,
+        seed=0,
+        loss_fn=lambda output, *args, **kwargs: loss_fn(output, target=current["target"]),
+    )
     for ids, target in batches:
         current["target"] = target
         out = reference(input_ids=ids)
@@ -487,7 +509,9 @@ def test_freezing_and_unfreezing_mid_run_follows_the_plain_optimizer_bit_for_bit
         for name, p in ours.items():
             assert torch.equal(p, theirs[name]), (step, name)
     moved = [name for name in ours if name == one or name.startswith(block + ".")]
-    assert len(moved) == 3 and all(not torch.equal(ours[n], lora_params(tiny_peft_llama(num_layers=4))[n]) for n in moved)
+    assert len(moved) == 3 and all(
+        not torch.equal(ours[n], lora_params(tiny_peft_llama(num_layers=4))[n]) for n in moved
+    )
 
 
 def test_a_user_frozen_parameter_never_changes_under_sparse_selection():

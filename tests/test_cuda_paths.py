@@ -48,8 +48,11 @@ def tuned_like_a_gpu(monkeypatch):
     tuners = [obj for obj in vars(triton_lora).values() if isinstance(obj, Autotuner)]
     for tuner in tuners:
         keys = set(tuner.configs[0].kwargs)
-        configs = [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16},
-                   {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}]
+        configs = [
+            {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
+            {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16},
+            {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
+        ]
         monkeypatch.setattr(tuner, "configs", [Config({k: v for k, v in c.items() if k in keys}) for c in configs])
         monkeypatch.setattr(tuner, "_do_bench", bench)
         monkeypatch.setattr(tuner, "cache", {})
@@ -136,7 +139,9 @@ def test_mixed_dtypes_give_one_dtype_to_each_dot_and_the_reference_result(spies,
     x, w = _rand(20, 12, dtype=base_dtype, seed=4), _rand(24, 12, dtype=base_dtype, seed=5)
     got = lora_linear(x, w, None, h, b, alpha=2.0)
     torch.testing.assert_close(got, lora_linear_reference(x, w, None, h, b, alpha=2.0), **TOL[base_dtype])
-    _check_dots(spies["_lora_linear_kernel"].launches[-1], [("x_ptr", "w_ptr", "IEEE_BASE"), ("h_ptr", "b_ptr", "IEEE")])
+    _check_dots(
+        spies["_lora_linear_kernel"].launches[-1], [("x_ptr", "w_ptr", "IEEE_BASE"), ("h_ptr", "b_ptr", "IEEE")]
+    )
 
 
 def test_fuse_lora_under_bf16_autocast_with_fp32_adapters_matches_peft(spies):

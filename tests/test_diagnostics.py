@@ -233,6 +233,7 @@ def test_report_prints_a_table_and_serialises():
 
 def test_set_loss_inputs_of_the_captured_step_reach_the_report():
     """A loss outside the model (a verbalizer's target): the captured batch's step's loss inputs are used."""
+
     def loss_fn(output, *args, target, **kwargs):
         return nn.functional.cross_entropy(output.logits[:, -1], target)
 

@@ -53,8 +53,12 @@ def _worker(rank: int, fn: Callable[..., Any], port: int, out: str, args: tuple)
     torch.set_num_threads(1)
     # What torchrun sets; accelerate and HF Trainer read these to join the group.
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
     )
     if "accelerate" in sys.modules:  # a single-process state the parent built (another test's Trainer) is not ours
         from accelerate.state import AcceleratorState
@@ -208,8 +212,10 @@ def _fsdp2_train(rank: int, state_policy: str) -> dict[str, Any]:
     assert (report["optimizer_state_host_bytes"] > 0) == (state_policy == "offload")
     # this rank's shards, not the DTensors' global sizes (world times as much)
     values = [v for entry in opt.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
-    local = sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
-                for v in values)
+    local = sum(
+        v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
+        for v in values
+    )
     assert local < sum(v.numel() * v.element_size() for v in values)  # sharded: the two differ
     assert report["optimizer_state_device_bytes"] + report["optimizer_state_host_bytes"] == local
     return summary(model, opt, selections)
@@ -306,8 +312,9 @@ def run_trainer(output_dir: str, batch_size: int, seed: int, resume: str | None 
         disable_tqdm=True,
     )
     record = RecordSelections()
-    trainer = Trainer(model=model, args=args, train_dataset=trainer_dataset(), optimizers=(ist, None),
-                      callbacks=[record])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=trainer_dataset(), optimizers=(ist, None), callbacks=[record]
+    )
     trainer.train(resume_from_checkpoint=resume)
     return summary(model, ist, record.selections)
 
@@ -315,8 +322,9 @@ def run_trainer(output_dir: str, batch_size: int, seed: int, resume: str | None 
 def _trainer_train(rank: int, output_dir: str) -> dict[str, Any]:
     full = run_trainer(output_dir + "/full", batch_size=2, seed=IST_OPTIONS["seed"])
     assert dist.is_initialized() and dist.get_world_size() == WORLD  # Trainer ran DDP
-    resumed = run_trainer(output_dir + "/resumed", batch_size=2, seed=99,
-                          resume=f"{output_dir}/full/checkpoint-{TRAINER_STEPS // 2}")
+    resumed = run_trainer(
+        output_dir + "/resumed", batch_size=2, seed=99, resume=f"{output_dir}/full/checkpoint-{TRAINER_STEPS // 2}"
+    )
     return {"full": full, "resumed": resumed}
 
 
@@ -362,6 +370,7 @@ def _unsupported_setups(rank: int) -> dict[str, str | None]:
             opt = ISTAdamW(model, **IST_OPTIONS)  # noqa: F841 (kept alive: its hooks go with it)
             wrapped = wrap(model)
             wrapped(**rank_batch(0, rank)).loss.backward()
+
         return run
 
     def fsdp1(use_orig_params: bool) -> FSDP1:
@@ -385,9 +394,7 @@ def _unsupported_setups(rank: int) -> dict[str, str | None]:
         ),
         "fsdp1-flat-params": _attempt(lambda: sgd_ist(fsdp1(False))),
         "fsdp1-orig-params": _attempt(lambda: sgd_ist(fsdp1(True))),
-        "late-fsdp1": _attempt(
-            wrapped_later(lambda m: FSDP1(m, use_orig_params=True, device_id=torch.device("cpu")))
-        ),
+        "late-fsdp1": _attempt(wrapped_later(lambda m: FSDP1(m, use_orig_params=True, device_id=torch.device("cpu")))),
         "late-fully-shard": _attempt(wrapped_later(lambda m: fully_shard(m))),
         # Supported: non-reentrant checkpointing under DDP builds and trains.
         "ddp-non-reentrant-checkpointing": _attempt(
@@ -485,8 +492,12 @@ def _one_rank_without_a_probe_loss(rank: int) -> dict[str, Any]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return {"skipped": opt.scheduler.num_skipped, "updates": opt.scheduler.num_updates,
-            "importance": opt.scheduler.importance.clone(), "active": opt.active_layers}
+    return {
+        "skipped": opt.scheduler.num_skipped,
+        "updates": opt.scheduler.num_updates,
+        "importance": opt.scheduler.importance.clone(),
+        "active": opt.active_layers,
+    }
 
 
 def test_a_rank_with_nothing_to_probe_makes_every_rank_skip_instead_of_hanging(tmp_path):

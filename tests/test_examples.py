@@ -22,8 +22,12 @@ def runs():
     results, pending = {}, list(SCRIPTS)
     while pending:  # two at a time: the imports dominate, and CI has two cores
         batch, pending = pending[:2], pending[2:]
-        procs = {s: subprocess.Popen([sys.executable, s], cwd=EXAMPLES, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True) for s in batch}
+        procs = {
+            s: subprocess.Popen(
+                [sys.executable, s], cwd=EXAMPLES, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            for s in batch
+        }
         for s, p in procs.items():
             out, _ = p.communicate(timeout=180)
             results[s] = (p.returncode, out)
@@ -31,8 +35,16 @@ def runs():
 
 
 def test_every_example_is_listed():
-    assert {"plain_loop.py", "hf_trainer.py", "trl_sft.py", "accelerate_loop.py", "any_optimizer.py",
-            "full_layer.py", "nanogpt_no_peft.py", "ddp_torchrun.py"} <= set(SCRIPTS)
+    assert {
+        "plain_loop.py",
+        "hf_trainer.py",
+        "trl_sft.py",
+        "accelerate_loop.py",
+        "any_optimizer.py",
+        "full_layer.py",
+        "nanogpt_no_peft.py",
+        "ddp_torchrun.py",
+    } <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

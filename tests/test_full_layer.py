@@ -43,8 +43,11 @@ def test_only_selected_blocks_change_and_backward_is_cut():
         model(**lm_batch(seed=step)).loss.backward()
         opt.step()
         opt.zero_grad()
-        moved = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters()
-                 if not torch.equal(p, before[n]) and ".layers." in n}
+        moved = {
+            int(n.split(".layers.")[1].split(".")[0])
+            for n, p in model.named_parameters()
+            if not torch.equal(p, before[n]) and ".layers." in n
+        }
         assert moved == set(selected)
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".layers." not in n)
     assert opt.scheduler.num_updates == 3

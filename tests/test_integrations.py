@@ -58,7 +58,8 @@ class Recorder(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         moved = [
-            i for i, params in enumerate(self.ist.layer_map.params)
+            i
+            for i, params in enumerate(self.ist.layer_map.params)
             if any(not torch.equal(b, p) for b, p in zip(self.before[i], params, strict=True))
         ]
         self.steps.append((self.active, moved, self.lr))
@@ -73,9 +74,20 @@ def check_only_selected_moved(recorder, num_steps):
 
 def hf_args(output_dir, max_steps=6, **extra):
     kw = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=max_steps, learning_rate=LR, warmup_steps=2, lr_scheduler_type="linear", logging_steps=100,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=max_steps,
+        learning_rate=LR,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
         disable_tqdm=True,
     )
     kw.update(extra)
@@ -93,8 +105,13 @@ def test_trainer_factory_equals_hand_built_ist(tmp_path, extra):
         recorders.append(rec)
         args = hf_args(tmp_path / mode, **extra)
         if mode == "factory":
-            trainer = Trainer(model=model, args=args, train_dataset=rows(), callbacks=[rec],
-                              optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": LR, **OPTIONS}))
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=rows(),
+                callbacks=[rec],
+                optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": LR, **OPTIONS}),
+            )
         else:
             opt = ISTAdamW(model, lr=LR, **OPTIONS)
             trainer = Trainer(model=model, args=args, train_dataset=rows(), callbacks=[rec], optimizers=(opt, None))
@@ -161,10 +178,23 @@ def sft_config(output_dir, max_steps=8):
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=max_steps, learning_rate=LR, save_steps=4, save_strategy="steps", logging_steps=100,
-        report_to=[], use_cpu=True, seed=0, data_seed=0, max_length=16, bf16=False, gradient_checkpointing=False,
-        disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=max_steps,
+        learning_rate=LR,
+        save_steps=4,
+        save_strategy="steps",
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        max_length=16,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
@@ -180,8 +210,12 @@ def test_sft_trainer_with_peft_config_factory_hand_built_and_exact_resume(tmp_pa
     # 1. SFTTrainer builds the peft model itself; IST comes from the factory (one added argument).
     rec = Recorder()
     sft = SFTTrainer(
-        model=tiny_llama(), args=sft_config(tmp_path / "sft"), train_dataset=data, processing_class=tokenizer,
-        peft_config=LoraConfig(**LORA), callbacks=[rec],
+        model=tiny_llama(),
+        args=sft_config(tmp_path / "sft"),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+        callbacks=[rec],
         optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": LR, **OPTIONS}),
     )
     start = {k: v.clone() for k, v in sft.model.state_dict().items() if "lora_" in k}
@@ -197,8 +231,12 @@ def test_sft_trainer_with_peft_config_factory_hand_built_and_exact_resume(tmp_pa
     model.load_state_dict(start, strict=False)
     hand_rec = Recorder()
     hand = SFTTrainer(
-        model=model, args=sft_config(tmp_path / "hand"), train_dataset=data, processing_class=tokenizer,
-        callbacks=[hand_rec], optimizers=(ISTAdamW(model, lr=LR, **OPTIONS), None),
+        model=model,
+        args=sft_config(tmp_path / "hand"),
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[hand_rec],
+        optimizers=(ISTAdamW(model, lr=LR, **OPTIONS), None),
     )
     hand.train()
     assert_same(final, adapters(model))
@@ -206,8 +244,12 @@ def test_sft_trainer_with_peft_config_factory_hand_built_and_exact_resume(tmp_pa
 
     # 3. Resume from step 4, the model given by name (a local directory): the uninterrupted run, bit for bit.
     resumed = SFTTrainer(
-        model=str(base_dir), args=sft_config(tmp_path / "resumed"), train_dataset=data, processing_class=tokenizer,
-        peft_config=LoraConfig(**LORA), optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": LR, **OPTIONS}),
+        model=str(base_dir),
+        args=sft_config(tmp_path / "resumed"),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+        optimizer_cls_and_kwargs=(ISTAdamWFactory, {"lr": LR, **OPTIONS}),
     )
     resumed.train(resume_from_checkpoint=str(tmp_path / "sft" / "checkpoint-4"))
     resumed_ist = find_ist(resumed.optimizer)
@@ -223,19 +265,33 @@ def preference_dataset(n=8):
     def words(k):
         return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (k,), generator=g))
 
-    return Dataset.from_dict({
-        "prompt": [words(4) for _ in range(n)], "chosen": [words(3) for _ in range(n)],
-        "rejected": [words(3) for _ in range(n)],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [words(4) for _ in range(n)],
+            "chosen": [words(3) for _ in range(n)],
+            "rejected": [words(3) for _ in range(n)],
+        }
+    )
 
 
 def dpo_config(output_dir, **extra):
     from trl import DPOConfig
 
     kw = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=4, learning_rate=LR,
-        logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=False,
-        max_length=16, disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=False,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=LR,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        bf16=False,
+        max_length=16,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
     )
     return DPOConfig(**{**kw, **extra})
 
@@ -251,13 +307,20 @@ def test_dpo_trainer_with_use_ist_equals_hand_built(tmp_path):
         rec = Recorder()
         args = dpo_config(tmp_path / mode)
         if mode == "use_ist":
-            trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                 callbacks=[rec])
+            trainer = DPOTrainer(
+                model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[rec]
+            )
             use_ist(trainer, **OPTIONS)  # the one line; lr from args
         else:
             opt = ISTAdamW(model, lr=LR, **OPTIONS)
-            trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                 callbacks=[rec], optimizers=(opt, None))
+            trainer = DPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=data,
+                processing_class=tokenizer,
+                callbacks=[rec],
+                optimizers=(opt, None),
+            )
         trainer.train()
         assert find_ist(trainer.optimizer).num_steps == 4
         check_only_selected_moved(rec, 4)
@@ -276,8 +339,13 @@ def test_dpo_trainer_with_gradient_checkpointing(tmp_path):
 
     model = tiny_peft_llama()
     rec = Recorder()
-    trainer = DPOTrainer(model=model, args=dpo_config(tmp_path, max_steps=3, gradient_checkpointing=True),
-                         train_dataset=preference_dataset(), processing_class=word_tokenizer(), callbacks=[rec])
+    trainer = DPOTrainer(
+        model=model,
+        args=dpo_config(tmp_path, max_steps=3, gradient_checkpointing=True),
+        train_dataset=preference_dataset(),
+        processing_class=word_tokenizer(),
+        callbacks=[rec],
+    )
     use_ist(trainer, **OPTIONS)
     trainer.train()
     check_only_selected_moved(rec, 3)
@@ -286,10 +354,17 @@ def test_dpo_trainer_with_gradient_checkpointing(tmp_path):
 def test_use_ist_refuses_bad_input_and_callback_refuses_a_replaced_optimizer(tmp_path):
     model = tiny_peft_llama()
     with pytest.raises(ValueError, match="already has an optimizer"):
-        use_ist(Trainer(model=model, args=hf_args(tmp_path), train_dataset=rows(),
-                        optimizers=(ISTAdamW(model, lr=LR), None)))
-    other = Trainer(model=tiny_peft_llama(), args=hf_args(tmp_path), train_dataset=rows(),
-                    optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+        use_ist(
+            Trainer(
+                model=model, args=hf_args(tmp_path), train_dataset=rows(), optimizers=(ISTAdamW(model, lr=LR), None)
+            )
+        )
+    other = Trainer(
+        model=tiny_peft_llama(),
+        args=hf_args(tmp_path),
+        train_dataset=rows(),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}),
+    )
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         use_ist(other)
 
@@ -378,7 +453,7 @@ def test_deepspeed_engine_calling_the_model_is_refused_at_the_first_forward(acce
     opt.step()
 
 
-DEEPSPEED_SCRIPT = textwrap.dedent('''
+DEEPSPEED_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, sys.argv[1])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -420,7 +495,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent('''
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     refused(lambda: ISTAdamW(engine, lr=1e-2), "engine")
-''')
+""")
 
 
 def test_deepspeed_really_installed_is_refused_everywhere(tmp_path):
@@ -433,7 +508,10 @@ def test_deepspeed_really_installed_is_refused_everywhere(tmp_path):
     port = str(29500 + os.getpid() % 1000)
     result = subprocess.run(
         [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "out"), port],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if "REFUSED" in line]
@@ -465,8 +543,15 @@ def test_axolotl_plugin_sets_the_optimizer_through_post_trainer_create(tmp_path)
     name = "ist_optim.integrations.axolotl.ISTPlugin"
     assert issubclass(ISTPlugin, BasePlugin)
     assert ISTPlugin().get_input_args() == "ist_optim.integrations.axolotl.ISTArgs"
-    cfg = DictDefault({"plugins": [name], "ist_active_layers": 0.5, "ist_probe_interval": 2,
-                       "ist_importance_lr": 100.0, "ist_seed": 3})
+    cfg = DictDefault(
+        {
+            "plugins": [name],
+            "ist_active_layers": 0.5,
+            "ist_probe_interval": 2,
+            "ist_importance_lr": 100.0,
+            "ist_seed": 3,
+        }
+    )
     ISTArgs(**{k: v for k, v in cfg.items() if k.startswith("ist_")})  # the schema accepts the fields
     with pytest.raises(ValueError):
         ISTArgs(ist_probe_interval="often")
@@ -487,8 +572,9 @@ def test_axolotl_plugin_sets_the_optimizer_through_post_trainer_create(tmp_path)
                 manager.post_trainer_create(cfg, trainer)  # what axolotl/train.py calls
             else:
                 opt = ISTAdamW(model, lr=LR, **OPTIONS)
-                trainer = AxolotlLikeTrainer(model=model, args=args, train_dataset=rows(), callbacks=[rec],
-                                             optimizers=(opt, None))
+                trainer = AxolotlLikeTrainer(
+                    model=model, args=args, train_dataset=rows(), callbacks=[rec], optimizers=(opt, None)
+                )
             trainer.train()
             check_only_selected_moved(rec, 6)
             finals.append(adapters(model))
@@ -499,7 +585,7 @@ def test_axolotl_plugin_sets_the_optimizer_through_post_trainer_create(tmp_path)
         manager.plugins.pop(name, None)
 
 
-SWIFT_SCRIPT = textwrap.dedent('''
+SWIFT_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import importlib
@@ -523,7 +609,7 @@ SWIFT_SCRIPT = textwrap.dedent('''
     assert isinstance(trainer.optimizer, ISTAdamW) and trainer.optimizer.options["active_layers"] == 0.5
     assert trainer.optimizer.param_groups[0]["initial_lr"] == LR and trainer.lr_scheduler is not None
     print("SWIFT OK")
-''')
+""")
 
 
 def test_ms_swift_external_plugin_registers_optimizer_ist(tmp_path):
@@ -542,7 +628,10 @@ def test_ms_swift_external_plugin_registers_optimizer_ist(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "SWIFT OK" in result.stdout

@@ -62,8 +62,12 @@ def test_expand_matches_reference(dtype, shape):
 def test_linear_matches_reference(dtype, shape, bias):
     M, N, R, K = shape
     gen = torch.Generator().manual_seed(M + N + R + K)
-    x, w, h, b = (rand(M, K, dtype=dtype, gen=gen), rand(N, K, dtype=dtype, gen=gen), rand(M, R, dtype=dtype, gen=gen),
-                  rand(N, R, dtype=dtype, gen=gen))
+    x, w, h, b = (
+        rand(M, K, dtype=dtype, gen=gen),
+        rand(N, K, dtype=dtype, gen=gen),
+        rand(M, R, dtype=dtype, gen=gen),
+        rand(N, R, dtype=dtype, gen=gen),
+    )
     bias_t = rand(N, dtype=dtype, gen=gen) if bias else None
     groups = 1 if M % 4 else 4
     out = lora_linear(x, w, bias_t, h, b, scales(groups))
@@ -137,8 +141,13 @@ def test_custom_op_autograd_matches_autograd_through_eager(triton):
 
 def test_custom_op_passes_opcheck():
     gen = torch.Generator().manual_seed(5)
-    args = (rand(8, 5, gen=gen).requires_grad_(), rand(8, 3, gen=gen).requires_grad_(),
-            rand(5, 3, gen=gen).requires_grad_(), 0.5, True)
+    args = (
+        rand(8, 5, gen=gen).requires_grad_(),
+        rand(8, 3, gen=gen).requires_grad_(),
+        rand(5, 3, gen=gen).requires_grad_(),
+        0.5,
+        True,
+    )
     torch.library.opcheck(lora_expand_op, args)
 
 

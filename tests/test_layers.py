@@ -17,16 +17,23 @@ def trainable(model):
 def gpt2(layers=3, attn_implementation="sdpa"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=layers, n_head=4,
-                        attn_implementation=attn_implementation)
+    config = GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=layers, n_head=4, attn_implementation=attn_implementation
+    )
     return get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
 
 
 def bert(layers=3):
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     return get_peft_model(
         BertForSequenceClassification(config),
         LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
@@ -46,8 +53,9 @@ def test_bert_blocks_are_encoder_layer_and_the_classifier_head_is_outside():
     layer_map = discover_layers(model, trainable(model))
     assert [n.split("model.")[-1] for n in layer_map.names] == [f"bert.encoder.layer.{i}" for i in range(3)]
     assert layer_map.other_params  # the classifier trains every step
-    assert all("classifier" in name for name, p in model.named_parameters()
-               if any(p is q for q in layer_map.other_params))
+    assert all(
+        "classifier" in name for name, p in model.named_parameters() if any(p is q for q in layer_map.other_params)
+    )
 
 
 @pytest.mark.parametrize("make", [gpt2, bert])
@@ -97,7 +105,12 @@ def test_encoder_and_decoder_stacks_are_concatenated():
 
     model = Model()
     assert discover_layers(model, list(model.parameters())).names == [
-        "encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"]
+        "encoder.0",
+        "encoder.1",
+        "decoder.0",
+        "decoder.1",
+        "decoder.2",
+    ]
 
 
 def test_layers_override():

@@ -140,8 +140,16 @@ def encoder_decoder():
 
     torch.manual_seed(0)
     config = T5Config(
-        vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+        vocab_size=VOCAB,
+        d_model=16,
+        d_ff=32,
+        d_kv=8,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.0,
     )
     model = _peft(T5ForConditionalGeneration(config), target_modules=["q", "v"])
     batch = lm_batch()
@@ -153,10 +161,18 @@ def vit():
 
     torch.manual_seed(0)
     config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=32, num_labels=3,
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
     )
-    model = _peft(ViTForImageClassification(config), target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    model = _peft(
+        ViTForImageClassification(config), target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]
+    )
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, 8, 8, generator=g)
     return model, lambda: ((), {"pixel_values": pixels, "labels": torch.tensor([0, 2])})

@@ -23,8 +23,20 @@ from torch.testing._internal.common_optimizers import optim_db
 from ist_optim import IST
 
 OPTIMIZERS = (
-    "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "LBFGS",
-    "Adadelta", "Adafactor", "Adamax", "ASGD", "Muon", "NAdam", "RAdam", "Rprop",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "RMSprop",
+    "LBFGS",
+    "Adadelta",
+    "Adafactor",
+    "Adamax",
+    "ASGD",
+    "Muon",
+    "NAdam",
+    "RAdam",
+    "Rprop",
 )
 STEPS = 3
 

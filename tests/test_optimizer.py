@@ -24,6 +24,7 @@ def layer_of_name(name: str) -> int:
 def train_steps(model, opt, sched=None, steps=20, accumulation=2, seed=0, closure=False):
     for step in range(steps):
         if closure:
+
             def closure_fn(step=step):
                 loss = model(**lm_batch(seed=seed + step)).loss
                 if torch.is_grad_enabled():
@@ -239,8 +240,16 @@ def test_eval_forwards_are_not_captured_as_probe_batch():
 def test_resume_from_state_dict_is_bit_identical(rule, probe_mode):
     """Save at step k, load into a fresh optimizer on a fresh model copy; 10 more steps match exactly."""
     model = tiny_peft_llama(num_layers=4)
-    options = dict(lr=1e-2, weight_decay=0.05, active_layers=0.5, probe_interval=3, rule=rule,
-                   probe_mode=probe_mode, importance_lr=100.0, seed=4)
+    options = dict(
+        lr=1e-2,
+        weight_decay=0.05,
+        active_layers=0.5,
+        probe_interval=3,
+        rule=rule,
+        probe_mode=probe_mode,
+        importance_lr=100.0,
+        seed=4,
+    )
     opt = ISTAdamW(model, **options)
     train_steps(model, opt, steps=7, accumulation=1)
     buffer = io.BytesIO()
@@ -295,7 +304,9 @@ def test_state_dict_keeps_wrapper_keys_out_of_per_parameter_state():
     assert set(state_dict) == {"state", "param_groups", "ist"}
     for entry in state_dict["state"].values():
         assert set(entry) <= {"step", "exp_avg", "exp_avg_sq"}
-    assert set(state_dict["param_groups"][0]) == set(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).state_dict()["param_groups"][0])
+    assert set(state_dict["param_groups"][0]) == set(
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).state_dict()["param_groups"][0]
+    )
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -396,8 +407,12 @@ def test_lbfgs_with_every_layer_active_equals_plain_lbfgs_bit_for_bit(line_searc
     model = tiny_peft_llama()
     reference = copy.deepcopy(model)
     kwargs = dict(lr=0.5, max_iter=4, history_size=3, line_search_fn=line_search_fn)
-    opt = IST(torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad], **kwargs), model,
-              active_layers=1.0, probe_interval=1)
+    opt = IST(
+        torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad], **kwargs),
+        model,
+        active_layers=1.0,
+        probe_interval=1,
+    )
     ref_opt = torch.optim.LBFGS([p for p in reference.parameters() if p.requires_grad], **kwargs)
     calls, ref_calls = [], []
     for step in range(3):
@@ -454,8 +469,12 @@ def test_a_closure_optimizer_under_sparse_selection_equals_it_on_the_layers_froz
 
     model = tiny_peft_llama(num_layers=4)
     reference = copy.deepcopy(model)
-    opt = IST(TwoLookSGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model,
-              policy=FixedLayers([1, 3]), num_probes=0)
+    opt = IST(
+        TwoLookSGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        model,
+        policy=FixedLayers([1, 3]),
+        num_probes=0,
+    )
     trainable = [p for p in reference.parameters() if p.requires_grad]
     for name, p in lora_params(reference).items():
         p.requires_grad_(layer_of_name(name) in (1, 3))

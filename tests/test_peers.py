@@ -22,8 +22,9 @@ PEER_MODULES = {"badam-lora": "badam", "badam": "badam", "galore": "galore_torch
 
 def run(*args: str, env: dict[str, str] | None = None, script: str = "peers.py") -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, env=env, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -76,8 +77,22 @@ def test_peak_memory_counts_the_optimizer_state(tmp_path):
     would see only the weights, the gradients and the activations.
     """
     out = tmp_path / "peers.jsonl"
-    run("--model", "tiny", "--steps", "3", "--batch", "1", "--seeds", "0", "--eval-size", "8", "--methods", "lora,full",
-        "--out", str(out))
+    run(
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--seeds",
+        "0",
+        "--eval-size",
+        "8",
+        "--methods",
+        "lora,full",
+        "--out",
+        str(out),
+    )
     runs = records(out)
     full = runs["full"]
     assert full["trainable_bytes"] > 0.99 * full["weight_bytes"]
@@ -91,8 +106,21 @@ def test_a_missing_peer_is_skipped_with_the_reason(tmp_path):
     fake.mkdir()
     (fake / "badam.py").write_text("raise ImportError('No module named badam (stand-in)')\n")
     out = tmp_path / "peers.jsonl"
-    printed = run("--model", "tiny", "--steps", "3", "--seeds", "0", "--eval-size", "8", "--methods", "badam,lora",
-                  "--out", str(out), env={"PYTHONPATH": str(fake)})
+    printed = run(
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--seeds",
+        "0",
+        "--eval-size",
+        "8",
+        "--methods",
+        "badam,lora",
+        "--out",
+        str(out),
+        env={"PYTHONPATH": str(fake)},
+    )
     assert "badam      skipped: badam is not usable here (ImportError: No module named badam (stand-in))" in printed
     assert list(records(out)) == ["lora"]
 
@@ -101,10 +129,27 @@ def test_lora_sees_the_quality_benchmarks_batches(tmp_path):
     """The peers' LoRA run and bench/quality.py's LoRA arm of the same seed are the same run: same init, same batches."""
     pytest.importorskip("matplotlib")
     peers = tmp_path / "peers.jsonl"
-    run("--model", "tiny", "--steps", "4", "--seeds", "1", "--eval-size", "16", "--methods", "lora", "--out", str(peers))
+    run(
+        "--model", "tiny", "--steps", "4", "--seeds", "1", "--eval-size", "16", "--methods", "lora", "--out", str(peers)
+    )
     quality = tmp_path / "quality.jsonl"
-    run("--model", "tiny", "--setting", "weekday", "--arms", "lora", "--seeds", "1", "--budgets", "4",
-        "--eval-size", "16", "--out", str(quality), script="quality.py")
+    run(
+        "--model",
+        "tiny",
+        "--setting",
+        "weekday",
+        "--arms",
+        "lora",
+        "--seeds",
+        "1",
+        "--budgets",
+        "4",
+        "--eval-size",
+        "16",
+        "--out",
+        str(quality),
+        script="quality.py",
+    )
     ours = records(peers)["lora"]["train_loss"]
     theirs = json.loads(quality.read_text().splitlines()[0])["train_loss"]
     assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-7)
@@ -113,13 +158,40 @@ def test_lora_sees_the_quality_benchmarks_batches(tmp_path):
 @pytest.mark.skipif(not (DATA / "llmadapters" / "ARC-Easy").exists(), reason="../shared/data is not beside the project")
 def test_long_rows_memory_only(tmp_path):
     out = tmp_path / "peers.jsonl"
-    run("--model", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "3", "--memory-only", "--seeds", "0",
-        "--methods", "lora,ist-x4,ist-x4-ckpt,full", "--out", str(out))
+    run(
+        "--model",
+        "tiny",
+        "--seq-len",
+        "64",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--memory-only",
+        "--seeds",
+        "0",
+        "--methods",
+        "lora,ist-x4,ist-x4-ckpt,full",
+        "--out",
+        str(out),
+    )
     runs = records(out)
     assert set(runs) == {"lora", "ist-x4", "ist-x4-ckpt", "full"}
     # checkpointing recomputes exactly: the same losses as without it, step for step
     assert runs["ist-x4-ckpt"]["train_loss"] == pytest.approx(runs["ist-x4"]["train_loss"], rel=1e-6)
     assert all(r["setting"] == "commonsense-64" and "test" not in r for r in runs.values())
-    table = run("--model", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "3", "--memory-only", "--summary",
-                "--out", str(out))
+    table = run(
+        "--model",
+        "tiny",
+        "--seq-len",
+        "64",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--memory-only",
+        "--summary",
+        "--out",
+        str(out),
+    )
     assert "commonsense-64" in table

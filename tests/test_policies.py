@@ -45,8 +45,11 @@ def test_fixed_never_changes_and_trains_only_its_layers():
         opt.step()
         opt.zero_grad()
         assert opt.active_layers == [1, 3]
-        moved = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters()
-                 if n in before and not torch.equal(p, before[n])}
+        moved = {
+            int(n.split(".layers.")[1].split(".")[0])
+            for n, p in model.named_parameters()
+            if n in before and not torch.equal(p, before[n])
+        }
         assert moved == {1, 3}
 
 
@@ -147,9 +150,17 @@ def test_a_user_policy_with_probes_gets_probe_losses():
 
 
 @pytest.mark.parametrize("policy", ["ist", "random", "lisa", "safe", "cka", "gradnorm"])
-@pytest.mark.parametrize("bad", [dict(active_layers=True), dict(active_layers="0.5"),
-                                 dict(active_layers=torch.tensor(0.5)), dict(importance_lr="x"),
-                                 dict(importance_lr=None), dict(probe_layers=True)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(active_layers=True),
+        dict(active_layers="0.5"),
+        dict(active_layers=torch.tensor(0.5)),
+        dict(importance_lr="x"),
+        dict(importance_lr=None),
+        dict(probe_layers=True),
+    ],
+)
 def test_bad_option_types_are_refused_for_every_named_policy(policy, bad):
     with pytest.raises((TypeError, ValueError), match=next(iter(bad))):
         ISTAdamW(tiny_peft_llama(), lr=1e-2, policy=policy, **bad)

@@ -52,8 +52,9 @@ def planted_cka_run(**options):
     moving = [p for n, p in model.named_parameters() if p.requires_grad and layer_of(n) in (0, 2)]
     still = [p for n, p in model.named_parameters() if p.requires_grad and layer_of(n) in (1, 3)]
     policy = CKALayers(active_layers=2, warmup_steps=4, num_batches=2)
-    opt = ISTAdamW(model, params=[{"params": moving, "lr": 0.05}, {"params": still, "lr": 0.0}], policy=policy,
-                   **options)
+    opt = ISTAdamW(
+        model, params=[{"params": moving, "lr": 0.05}, {"params": still, "lr": 0.0}], policy=policy, **options
+    )
     return model, opt, policy
 
 
@@ -138,10 +139,12 @@ def test_gradnorm_ranks_a_layer_with_a_planted_large_gradient_first():
     assert opt.active_layers == [0, 1, 2, 3]  # step 0 scores every layer
     model(**lm_batch()).loss.backward()
     # The definition, by hand, from the gradients before the update.
-    rms = torch.stack([
-        torch.cat([p.grad.reshape(-1) for p in params]).norm() / math.sqrt(sum(p.numel() for p in params))
-        for params in opt.layer_map.params
-    ])
+    rms = torch.stack(
+        [
+            torch.cat([p.grad.reshape(-1) for p in params]).norm() / math.sqrt(sum(p.numel() for p in params))
+            for params in opt.layer_map.params
+        ]
+    )
     opt.step()
     opt.zero_grad()
     torch.testing.assert_close(policy.scores, rms, rtol=1e-12, atol=0)
@@ -162,8 +165,12 @@ def test_gradnorm_temperature_and_seed():
     policy = GradNormLayers(active_layers=1, temperature=0.5, seed=0)
     policy.bind(3)
     policy.scores = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    torch.testing.assert_close(policy.probabilities(), torch.softmax(torch.tensor([1.0, 2.0, 3.0]).double() / (0.5 * 2.0), 0),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        policy.probabilities(),
+        torch.softmax(torch.tensor([1.0, 2.0, 3.0]).double() / (0.5 * 2.0), 0),
+        rtol=1e-12,
+        atol=0,
+    )
     # seed=None follows IST's seed (itself torch.initial_seed() by default), for objects and for "gradnorm"
     draws = []
     for seed, policy in ((3, GradNormLayers(1)), (3, "gradnorm"), (4, GradNormLayers(1)), (None, GradNormLayers(1))):
@@ -197,10 +204,14 @@ RESUMABLE = {
 }
 
 
-@pytest.mark.parametrize("options", [
-    dict(state_policy="drop"),
-    dict(state_policy="offload", checkpoint_unselected=True),
-], ids=["drop", "offload-checkpoint-unselected"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(state_policy="drop"),
+        dict(state_policy="offload", checkpoint_unselected=True),
+    ],
+    ids=["drop", "offload-checkpoint-unselected"],
+)
 @pytest.mark.parametrize("name", sorted(RESUMABLE))
 def test_a_policy_resumes_exactly_with_the_other_options(name, options):
     make, split = RESUMABLE[name]
@@ -283,13 +294,16 @@ def test_outlier_ratios_follow_the_owl_definition():
     # with input-activation norms (Wanda's score)
     # names relative to each block, as its named_modules() gives them
     per_block = [{"0": torch.rand(16, generator=g), "1": torch.rand(8, generator=g)} for _ in range(3)]
-    weighted = torch.stack([outlier_ratios([block], threshold=3.0, activation_norms=n)[0]
-                            for block, n in zip(blocks, per_block)])
+    weighted = torch.stack(
+        [outlier_ratios([block], threshold=3.0, activation_norms=n)[0] for block, n in zip(blocks, per_block)]
+    )
     for i, block in enumerate(blocks):
-        flat = torch.cat([
-            (block[0].weight.detach().abs().double() * per_block[i]["0"].double()[None, :]).reshape(-1),
-            (block[1].weight.detach().abs().double() * per_block[i]["1"].double()[None, :]).reshape(-1),
-        ])
+        flat = torch.cat(
+            [
+                (block[0].weight.detach().abs().double() * per_block[i]["0"].double()[None, :]).reshape(-1),
+                (block[1].weight.detach().abs().double() * per_block[i]["1"].double()[None, :]).reshape(-1),
+            ]
+        )
         assert float(weighted[i]) == float((flat > 3.0 * flat.mean()).double().mean())
     with pytest.raises(ValueError, match="no entry"):
         outlier_ratios(blocks, activation_norms={})
@@ -366,10 +380,18 @@ def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kin
         "layerwise-cka": lambda: LayerwiseCKA([lm_batch(seed=99)], active_layers=1),
     }
     options = dict(outside_layers="freeze") if kind == "full-layer" else {}
-    opt = ISTAdamW(model, lr=1e-2, policy=make[policy]() if policy in make else policy, active_layers=1,
-                   num_probes=0, state_policy="drop", **options)
+    opt = ISTAdamW(
+        model,
+        lr=1e-2,
+        policy=make[policy]() if policy in make else policy,
+        active_layers=1,
+        num_probes=0,
+        state_policy="drop",
+        **options,
+    )
     trained = {n for n, p in model.named_parameters() if p.requires_grad} | {
-        n for n, p in model.named_parameters() if any(p is q for ps in opt.layer_map.params for q in ps)}
+        n for n, p in model.named_parameters() if any(p is q for ps in opt.layer_map.params for q in ps)
+    }
     for step in range(5):
         selected = opt.active_layers
         before = {n: p.detach().clone() for n, p in model.named_parameters()}

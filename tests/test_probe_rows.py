@@ -106,8 +106,9 @@ def test_probe_rows_cut_args_kwargs_and_loss_inputs_alike(mode, monkeypatch):
     def by_hand(output, x, scale):
         return loss_fn(output, x, scale, target=target[:3], weights=weights[:3])
 
-    want = probe_losses(model, opt.adapters, beta, batch=((x[:3],), {"scale": scale}), loss_fn=by_hand,
-                        mode="sequential")
+    want = probe_losses(
+        model, opt.adapters, beta, batch=((x[:3],), {"scale": scale}), loss_fn=by_hand, mode="sequential"
+    )
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     if mode == "sequential":
         assert torch.equal(got, want)
@@ -179,7 +180,9 @@ def test_row_counts_and_take_rows():
     ids = torch.arange(12).view(4, 3)
     batch = ((ids,), {"mask": torch.ones(4, 3), "pos": torch.arange(3)[None], "nested": [ids], "n": 4})
     (args, kwargs), extra = take_rows(batch, {"target": torch.arange(4), "words": torch.arange(2)}, 2)
-    assert torch.equal(args[0], ids[:2]) and kwargs["mask"].shape == (2, 3) and torch.equal(kwargs["nested"][0], ids[:2])
+    assert (
+        torch.equal(args[0], ids[:2]) and kwargs["mask"].shape == (2, 3) and torch.equal(kwargs["nested"][0], ids[:2])
+    )
     assert kwargs["pos"].shape == (1, 3) and kwargs["n"] == 4  # no batch dim: unchanged
     assert torch.equal(extra["target"], torch.arange(2)) and torch.equal(extra["words"], torch.arange(2))
     assert take_rows(batch, {}, 1.0)[0] is batch and take_rows(batch, {}, 4)[0] is batch

@@ -52,8 +52,15 @@ def tiny_peft_llama_lora_bias(num_layers: int = 4, *, seed: int = 0, dtype: torc
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_bias=True,
+        mlp_bias=True,
     )
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=targets)

@@ -38,8 +38,11 @@ def test_standardized_rewards_do_not_depend_on_the_loss_scale():
     """exp(-L) scaled by a (L shifted by -log a): difference rewards scale by a, standardized ones do not."""
     losses = torch.tensor([0.9, 1.1, 1.4], dtype=torch.float64)
     shifted = losses - math.log(3.0)
-    assert torch.allclose(ImportanceScheduler.rewards(shifted, "standardized"),
-                          ImportanceScheduler.rewards(losses, "standardized"), atol=1e-6)
+    assert torch.allclose(
+        ImportanceScheduler.rewards(shifted, "standardized"),
+        ImportanceScheduler.rewards(losses, "standardized"),
+        atol=1e-6,
+    )
     assert torch.allclose(ImportanceScheduler.rewards(shifted), 3.0 * ImportanceScheduler.rewards(losses), atol=1e-6)
 
 
@@ -55,8 +58,9 @@ def test_equal_losses_give_zero_rewards_not_nan():
 def test_update_with_standardized_rewards_matches_hand_computation(rule):
     """Two updates from a non-zero importance, both rules, against float64 arithmetic written out."""
     num_layers, mu = 6, 4.0
-    sched = ImportanceScheduler(num_layers, num_probes=3, probe_layers=2, importance_lr=mu, rule=rule,
-                                reward="standardized", seed=5)
+    sched = ImportanceScheduler(
+        num_layers, num_probes=3, probe_layers=2, importance_lr=mu, rule=rule, reward="standardized", seed=5
+    )
     start = [0.3, -0.8, 0.0, 1.2, -0.1, 0.5]
     sched.importance = torch.tensor(start)
     expected = [float(x) for x in sched.importance.tolist()]  # the float32 start, in float64
@@ -103,8 +107,17 @@ def test_optimizer_applies_standardized_rewards_to_its_probe_losses():
     """ISTAdamW(reward="standardized"): each round's update equals the hand computation from that round's losses."""
     model = tiny_peft_llama(num_layers=6)
     mu = 4.0
-    opt = ISTAdamW(model, lr=1e-2, active_layers=2, probe_layers=1, num_probes=3, probe_interval=2,
-                   importance_lr=mu, reward="standardized", seed=2)
+    opt = ISTAdamW(
+        model,
+        lr=1e-2,
+        active_layers=2,
+        probe_layers=1,
+        num_probes=3,
+        probe_interval=2,
+        importance_lr=mu,
+        reward="standardized",
+        seed=2,
+    )
     assert opt.options["reward"] == "standardized"
     rounds = []
     update = opt.scheduler.update

@@ -106,7 +106,7 @@ def test_potentials_are_the_moving_average_of_the_b_gradients_by_hand():
         opt.step()
         opt.zero_grad()
     n = torch.tensor(updates, dtype=torch.float64)
-    expected = torch.where(n > 0, moments / (1 - 0.5 ** n), torch.full_like(n, math.nan))
+    expected = torch.where(n > 0, moments / (1 - 0.5**n), torch.full_like(n, math.nan))
     torch.testing.assert_close(policy.potentials, expected, rtol=1e-9, atol=0, equal_nan=True)
     assert policy.updates.tolist() == updates
 
@@ -132,8 +132,14 @@ def test_the_coverage_bound_holds_at_its_tightest_settings(coverage):
 def test_safe_by_name_and_bad_settings():
     opt = ISTAdamW(tiny_peft_llama(), lr=1e-2, policy="safe", active_layers=2)
     assert isinstance(opt.scheduler, SafeImportance) and opt.scheduler.num_active == 2
-    for bad in (dict(gamma=0.0), dict(gamma=1.5), dict(decay=1.0), dict(eta=-1.0), dict(min_gain=2.0),
-                dict(coverage=0)):
+    for bad in (
+        dict(gamma=0.0),
+        dict(gamma=1.5),
+        dict(decay=1.0),
+        dict(eta=-1.0),
+        dict(min_gain=2.0),
+        dict(coverage=0),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SafeImportance(2, **bad)
     with pytest.raises(ValueError, match="coverage"):

@@ -137,8 +137,9 @@ def test_non_finite_losses_skip_the_update_and_are_counted(rule):
     assert (sched.num_skipped, sched.num_updates) == (2, 0)
 
 
-@pytest.mark.parametrize("rule,reward", [("paper", "difference"), ("reference", "difference"),
-                                         ("reference", "standardized")])
+@pytest.mark.parametrize(
+    "rule,reward", [("paper", "difference"), ("reference", "difference"), ("reference", "standardized")]
+)
 def test_state_dict_round_trip_continues_identically(rule, reward):
     a = ImportanceScheduler(8, num_probes=3, rule=rule, reward=reward, seed=11)
     for _ in range(3):

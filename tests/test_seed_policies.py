@@ -134,7 +134,8 @@ def released_code_cka(batches, num_layers: int = 4) -> torch.Tensor:
     pretrained = tiny_llama(num_layers)  # what tiny_peft_llama wraps (same seed), adapters not applied
     last_output = []
     pretrained.model.layers[-1].register_forward_hook(
-        lambda module, args, output: last_output.append(output[0] if isinstance(output, tuple) else output))
+        lambda module, args, output: last_output.append(output[0] if isinstance(output, tuple) else output)
+    )
     features = [[] for _ in range(num_layers + 1)]
     with torch.no_grad():
         for batch in batches:
@@ -223,6 +224,8 @@ def test_layerwise_cka_bad_settings():
 def test_layerwise_cka_refuses_inits_that_rewrite_the_base_weights():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    )
     with pytest.raises(ValueError, match="pissa"):
         ISTAdamW(model, lr=LR, policy=LayerwiseCKA(padded_batches()))

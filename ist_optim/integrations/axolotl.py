@@ -37,9 +37,24 @@ __all__ = ["IST_CONFIG_FIELDS", "ISTArgs", "ISTPlugin", "ist_options_from_cfg"]
 IST_CONFIG_FIELDS = {
     f"ist_{name}": name
     for name in (
-        "active_layers", "probe_layers", "num_probes", "probe_interval", "suppression", "importance_lr", "rule",
-        "reward", "probe_mode", "probe_rows", "kernels", "state_policy", "backward_cut", "checkpoint_unselected", "seed",
-        "check_consistency", "policy", "outside_layers",
+        "active_layers",
+        "probe_layers",
+        "num_probes",
+        "probe_interval",
+        "suppression",
+        "importance_lr",
+        "rule",
+        "reward",
+        "probe_mode",
+        "probe_rows",
+        "kernels",
+        "state_policy",
+        "backward_cut",
+        "checkpoint_unselected",
+        "seed",
+        "check_consistency",
+        "policy",
+        "outside_layers",
     )
 }
 

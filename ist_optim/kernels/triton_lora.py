@@ -63,18 +63,36 @@ def _linear_config(M: int, N: int, elem_size: int) -> dict[str, int]:
 
 @triton.jit
 def _accumulate(
-    acc, a_ptr, b_ptr, rows, cols, row_ok, col_ok, K,
-    stride_a_m, stride_a_k, stride_b_n, stride_b_k,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    acc,
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    K,
+    stride_a_m,
+    stride_a_k,
+    stride_b_n,
+    stride_b_k,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """``acc += a[rows, :K] @ b[cols, :K].T``, K in ``BLOCK_K`` tiles, every load masked."""
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * stride_a_m + ks[None, :] * stride_a_k,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        b_t = tl.load(b_ptr + ks[:, None] * stride_b_k + cols[None, :] * stride_b_n,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a_m + ks[None, :] * stride_a_k,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_K)
+        b_t = tl.load(
+            b_ptr + ks[:, None] * stride_b_k + cols[None, :] * stride_b_n,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_N)
         if UPCAST:
             a = a.to(tl.float32)
             b_t = b_t.to(tl.float32)
@@ -87,11 +105,30 @@ def _accumulate(
 
 @triton.jit
 def _lora_expand_kernel(
-    base_ptr, h_ptr, b_ptr, scale_ptr, out_ptr, alpha,
-    M, N, R, rows_per_group,
-    stride_base_m, stride_base_n, stride_h_m, stride_h_r, stride_b_n, stride_b_r, stride_out_m, stride_out_n,
-    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    base_ptr,
+    h_ptr,
+    b_ptr,
+    scale_ptr,
+    out_ptr,
+    alpha,
+    M,
+    N,
+    R,
+    rows_per_group,
+    stride_base_m,
+    stride_base_n,
+    stride_h_m,
+    stride_h_r,
+    stride_b_n,
+    stride_b_r,
+    stride_out_m,
+    stride_out_n,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -101,8 +138,23 @@ def _lora_expand_kernel(
     col_ok = cols < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate(acc, h_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
-                      stride_h_m, stride_h_r, stride_b_n, stride_b_r, BLOCK_R, UPCAST, IEEE)  # h @ B.T
+    acc = _accumulate(
+        acc,
+        h_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        R,
+        stride_h_m,
+        stride_h_r,
+        stride_b_n,
+        stride_b_r,
+        BLOCK_R,
+        UPCAST,
+        IEEE,
+    )  # h @ B.T
 
     mask = row_ok[:, None] & col_ok[None, :]
     base = tl.load(base_ptr + rows[:, None] * stride_base_m + cols[None, :] * stride_base_n, mask=mask, other=0.0)
@@ -111,19 +163,48 @@ def _lora_expand_kernel(
         out = base.to(tl.float32) + acc * scale[:, None]
     else:
         out = base.to(tl.float32) + acc * alpha
-    tl.store(out_ptr + rows[:, None] * stride_out_m + cols[None, :] * stride_out_n,
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + rows[:, None] * stride_out_m + cols[None, :] * stride_out_n,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
 def _lora_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, out_ptr, alpha,
-    M, N, K, R, rows_per_group,
-    stride_x_m, stride_x_k, stride_w_n, stride_w_k, stride_h_m, stride_h_r, stride_b_n, stride_b_r,
-    stride_out_m, stride_out_n,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST_BASE: tl.constexpr, IEEE_BASE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    h_ptr,
+    b_ptr,
+    scale_ptr,
+    out_ptr,
+    alpha,
+    M,
+    N,
+    K,
+    R,
+    rows_per_group,
+    stride_x_m,
+    stride_x_k,
+    stride_w_n,
+    stride_w_k,
+    stride_h_m,
+    stride_h_r,
+    stride_b_n,
+    stride_b_r,
+    stride_out_m,
+    stride_out_n,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST_BASE: tl.constexpr,
+    IEEE_BASE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -134,11 +215,41 @@ def _lora_linear_kernel(
 
     # the base GEMM over K, then the adapter's rank-r K, kept apart to scale it per row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, K,
-                      stride_x_m, stride_x_k, stride_w_n, stride_w_k, BLOCK_K, UPCAST_BASE, IEEE_BASE)  # x @ W0.T
+    acc = _accumulate(
+        acc,
+        x_ptr,
+        w_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        K,
+        stride_x_m,
+        stride_x_k,
+        stride_w_n,
+        stride_w_k,
+        BLOCK_K,
+        UPCAST_BASE,
+        IEEE_BASE,
+    )  # x @ W0.T
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    lora = _accumulate(lora, h_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
-                       stride_h_m, stride_h_r, stride_b_n, stride_b_r, BLOCK_R, UPCAST, IEEE)  # h @ B.T
+    lora = _accumulate(
+        lora,
+        h_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        R,
+        stride_h_m,
+        stride_h_r,
+        stride_b_n,
+        stride_b_r,
+        BLOCK_R,
+        UPCAST,
+        IEEE,
+    )  # h @ B.T
 
     if HAS_SCALE:
         scale = tl.load(scale_ptr + rows // rows_per_group, mask=row_ok, other=0.0).to(tl.float32) * alpha
@@ -147,8 +258,11 @@ def _lora_linear_kernel(
         out = acc + lora * alpha
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_out_m + cols[None, :] * stride_out_n,
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_out_m + cols[None, :] * stride_out_n,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def _block_r(rank: int) -> int:
@@ -240,10 +354,28 @@ def lora_expand(
     config = _expand_config(M, N)
     with _on_device(device):
         _lora_expand_kernel[_grid(M, N, config)](
-            base, h, lora_b, scale_arg, out, float(alpha), M, N, R, rows_per_group,
-            base.stride(0), base.stride(1), h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
-            out.stride(0), out.stride(1),
-            HAS_SCALE=scale is not None, BLOCK_R=_block_r(R), **flags, **config,
+            base,
+            h,
+            lora_b,
+            scale_arg,
+            out,
+            float(alpha),
+            M,
+            N,
+            R,
+            rows_per_group,
+            base.stride(0),
+            base.stride(1),
+            h.stride(0),
+            h.stride(1),
+            lora_b.stride(0),
+            lora_b.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_SCALE=scale is not None,
+            BLOCK_R=_block_r(R),
+            **flags,
+            **config,
         )
     return out
 
@@ -286,11 +418,34 @@ def lora_linear(
     config = _linear_config(M, N, x.element_size())
     with _on_device(device):
         _lora_linear_kernel[_grid(M, N, config)](
-            x, weight, bias if bias is not None else x, h, lora_b, scale_arg, out, float(alpha),
-            M, N, K, R, rows_per_group,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
-            lora_b.stride(0), lora_b.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_R=_block_r(R),
-            **base_flags, **flags, **config,
+            x,
+            weight,
+            bias if bias is not None else x,
+            h,
+            lora_b,
+            scale_arg,
+            out,
+            float(alpha),
+            M,
+            N,
+            K,
+            R,
+            rows_per_group,
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            h.stride(0),
+            h.stride(1),
+            lora_b.stride(0),
+            lora_b.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_BIAS=bias is not None,
+            HAS_SCALE=scale is not None,
+            BLOCK_R=_block_r(R),
+            **base_flags,
+            **flags,
+            **config,
         )
     return out

@@ -282,9 +282,7 @@ class ImportanceScheduler(LayerPolicy):
             raise ValueError(f"loaded state uses rule={state_dict['rule']!r}, but this scheduler uses {self.rule!r}")
         saved_reward = state_dict.get("reward", "difference")  # checkpoints from before the option
         if saved_reward != self.reward:
-            raise ValueError(
-                f"loaded state uses reward={saved_reward!r}, but this scheduler uses {self.reward!r}"
-            )
+            raise ValueError(f"loaded state uses reward={saved_reward!r}, but this scheduler uses {self.reward!r}")
         if tuple(state_dict["importance"].shape) != (self.num_layers,):
             raise ValueError(f"loaded importance has shape {tuple(state_dict['importance'].shape)}")
 

@@ -140,7 +140,6 @@ class _SeededPolicy(LayerPolicy):
         self.generator.set_state(state_dict["generator"].to("cpu"))
 
 
-
 def _require(state_dict: Mapping[str, Any], keys: Sequence[str], owner: str) -> None:
     missing = [key for key in keys if key not in state_dict]
     if missing:

@@ -181,8 +181,9 @@ class CKALayers(LayerPolicy):
         """``(L,)`` CKA of each block's frozen vs adapted output on the context's batch (NaN: nothing measured)."""
         nan = torch.full((self.num_layers,), math.nan, dtype=torch.float64)
         if context.batch is None:
-            warnings.warn("CKALayers: no training batch was seen before step(); this warm-up step is not measured",
-                          stacklevel=4)
+            warnings.warn(
+                "CKALayers: no training batch was seen before step(); this warm-up step is not measured", stacklevel=4
+            )
             return nan
         blocks = context.layers
         inputs: dict[int, tuple[tuple, dict]] = {}
@@ -224,15 +225,20 @@ class CKALayers(LayerPolicy):
         handles = []
         try:
             for index, block in enumerate(blocks):
-                handles.append(block.register_forward_pre_hook(functools.partial(record_input, index), with_kwargs=True))
-                handles.append(block.register_forward_hook(
-                    functools.partial(record_output, index, outputs), with_kwargs=True))
+                handles.append(
+                    block.register_forward_pre_hook(functools.partial(record_input, index), with_kwargs=True)
+                )
+                handles.append(
+                    block.register_forward_hook(functools.partial(record_output, index, outputs), with_kwargs=True)
+                )
             context.run(context.batch)
             for handle in handles:
                 handle.remove()
             handles = []
             for index, block in enumerate(blocks):
-                handles.append(block.register_forward_pre_hook(functools.partial(frozen_input, index), with_kwargs=True))
+                handles.append(
+                    block.register_forward_pre_hook(functools.partial(frozen_input, index), with_kwargs=True)
+                )
                 handles.append(block.register_forward_hook(functools.partial(frozen_output, index), with_kwargs=True))
             context.run(context.batch)
         finally:
@@ -245,7 +251,9 @@ class CKALayers(LayerPolicy):
         values = nan.clone()
         for index in range(self.num_layers):
             if index in outputs and index in frozen_outputs:
-                values[index] = linear_cka(_token_rows(frozen_outputs[index], kwargs), _token_rows(outputs[index], kwargs))
+                values[index] = linear_cka(
+                    _token_rows(frozen_outputs[index], kwargs), _token_rows(outputs[index], kwargs)
+                )
         return values
 
     def state_dict(self) -> dict[str, Any]:
@@ -301,8 +309,11 @@ def _as_probe_batch(item: Any, device: torch.device | None) -> ProbeBatch:
         args, kwargs = (), dict(item)
     elif isinstance(item, torch.Tensor):
         args, kwargs = (item,), {}
-    elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list)) and isinstance(
-        item[1], Mapping
+    elif (
+        isinstance(item, (tuple, list))
+        and len(item) == 2
+        and isinstance(item[0], (tuple, list))
+        and isinstance(item[1], Mapping)
     ):
         args, kwargs = tuple(item[0]), dict(item[1])
     elif isinstance(item, (tuple, list)):
@@ -415,14 +426,16 @@ class LayerwiseCKA(LayerPolicy):
             if not 0.0 < fraction <= 1.0:
                 raise ValueError(f"Invalid active_layers: {fraction} (a float fraction must lie in (0, 1])")
             count = max(1, math.floor(fraction * num_layers))
-        self.num_active = resolve_layer_count(count if count is not None else self.active_layers, num_layers,
-                                              "active_layers")
+        self.num_active = resolve_layer_count(
+            count if count is not None else self.active_layers, num_layers, "active_layers"
+        )
         self.cka = torch.full((num_layers,), math.nan, dtype=torch.float64)
 
     def attach(self, context: PolicyContext) -> None:
         if any(block is None for block in context.layers):
-            raise ValueError("LayerwiseCKA measures each block's input and output, so the layers must be modules "
-                             "(not layer_of=)")
+            raise ValueError(
+                "LayerwiseCKA measures each block's input and output, so the layers must be modules (not layer_of=)"
+            )
         rewritten = _base_rewriting_inits(context.model)
         if rewritten:
             raise ValueError(
@@ -452,7 +465,9 @@ class LayerwiseCKA(LayerPolicy):
         handles = []
         try:
             for index, block in enumerate(context.layers):
-                handles.append(block.register_forward_pre_hook(functools.partial(record_input, index), with_kwargs=True))
+                handles.append(
+                    block.register_forward_pre_hook(functools.partial(record_input, index), with_kwargs=True)
+                )
                 handles.append(block.register_forward_hook(functools.partial(record_output, index), with_kwargs=True))
             with context.pretrained():
                 for item in self.batches:
@@ -467,9 +482,7 @@ class LayerwiseCKA(LayerPolicy):
         missing = [context.layer_names[i] for i in range(self.num_layers) if not inputs[i] or not outputs[i]]
         if missing:
             raise ValueError(f"LayerwiseCKA: no hidden-state input or output was seen for {missing[:4]}")
-        local = torch.stack([
-            linear_cka(torch.cat(inputs[i]), torch.cat(outputs[i])) for i in range(self.num_layers)
-        ])
+        local = torch.stack([linear_cka(torch.cat(inputs[i]), torch.cat(outputs[i])) for i in range(self.num_layers)])
         self.num_rows = int(sum(t.shape[0] for t in inputs[0]))
         self.cka = reduce_probe_losses(local)  # the mean over ranks; itself when alone
         self.ranking = sorted(range(self.num_layers), key=lambda i: (float(self.cka[i]), i))
@@ -495,4 +508,6 @@ class LayerwiseCKA(LayerPolicy):
         self.ranking = [int(i) for i in state_dict["ranking"]]
 
     def __repr__(self) -> str:
-        return f"LayerwiseCKA(<{len(self.batches)} batches>, active_layers={self.active_layers}, tokens={self.tokens!r})"
+        return (
+            f"LayerwiseCKA(<{len(self.batches)} batches>, active_layers={self.active_layers}, tokens={self.tokens!r})"
+        )

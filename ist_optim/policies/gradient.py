@@ -84,8 +84,10 @@ class GradNormLayers(_SeededPolicy):
         super().__init__(seed)
         if as_int(interval) is None or as_int(interval) < 1:
             raise ValueError(f"Invalid interval: {interval} (need an int >= 1)")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-            0.0 < float(temperature) < math.inf
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, numbers.Real)
+            or not (0.0 < float(temperature) < math.inf)
         ):
             raise ValueError(f"Invalid temperature: {temperature} (need a finite float > 0)")
         self.active_layers = active_layers
@@ -106,7 +108,9 @@ class GradNormLayers(_SeededPolicy):
 
     def attach(self, context: PolicyContext) -> None:
         super().attach(context)
-        self.sizes = torch.tensor([max(1, sum(p.numel() for p in ps)) for ps in context.layer_params], dtype=torch.float64)
+        self.sizes = torch.tensor(
+            [max(1, sum(p.numel() for p in ps)) for ps in context.layer_params], dtype=torch.float64
+        )
 
     @property
     def wants_gradient_norms(self) -> bool:  # type: ignore[override]
@@ -136,7 +140,9 @@ class GradNormLayers(_SeededPolicy):
         if self.num_steps % self.interval == 0 or self.num_active == self.num_layers:
             self.active = list(range(self.num_layers))  # a scoring step: every layer trains and is measured
         else:
-            chosen = torch.multinomial(self.probabilities(), self.num_active, replacement=False, generator=self.generator)
+            chosen = torch.multinomial(
+                self.probabilities(), self.num_active, replacement=False, generator=self.generator
+            )
             self.active = sorted(chosen.tolist())
         return list(self.active)
 
@@ -168,7 +174,6 @@ class GradNormLayers(_SeededPolicy):
             f"GradNormLayers(active_layers={self.active_layers}, interval={self.interval}, "
             f"temperature={self.temperature}, seed={self.seed})"
         )
-
 
 
 def _capped_inclusion(weights: torch.Tensor, count: int) -> torch.Tensor:
@@ -291,6 +296,7 @@ class SafeImportance(_SeededPolicy):
         seed: int | None = None,
     ) -> None:
         super().__init__(seed)
+
         def real(value: Any) -> float | None:
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
             return float(value) if ok else None
@@ -321,8 +327,10 @@ class SafeImportance(_SeededPolicy):
         least = math.ceil(num_layers / self.num_active)
         self.coverage = 2 * least if self.coverage_option is None else self.coverage_option
         if self.coverage < least:
-            raise ValueError(f"Invalid coverage: {self.coverage} (with {self.num_active} of {num_layers} layers per "
-                             f"step every layer can train once in {least} steps at the earliest)")
+            raise ValueError(
+                f"Invalid coverage: {self.coverage} (with {self.num_active} of {num_layers} layers per "
+                f"step every layer can train once in {least} steps at the earliest)"
+            )
         self.moments = torch.zeros(num_layers, dtype=torch.float64)
         self.updates = torch.zeros(num_layers, dtype=torch.long)
         self.age = torch.zeros(num_layers, dtype=torch.long)
@@ -392,8 +400,14 @@ class SafeImportance(_SeededPolicy):
         return list(self.active)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "moments": self.moments.clone(), "updates": self.updates.clone(),
-                "age": self.age.clone(), "num_active": self.num_active, "coverage": self.coverage}
+        return {
+            **super().state_dict(),
+            "moments": self.moments.clone(),
+            "updates": self.updates.clone(),
+            "age": self.age.clone(),
+            "num_active": self.num_active,
+            "coverage": self.coverage,
+        }
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().check_state_dict(state_dict)
@@ -413,5 +427,7 @@ class SafeImportance(_SeededPolicy):
         self.age = state_dict["age"].detach().to("cpu", torch.long).clone()
 
     def __repr__(self) -> str:
-        return (f"SafeImportance(active_layers={self.active_layers}, gamma={self.gamma}, eta={self.eta}, "
-                f"decay={self.decay}, coverage={self.coverage_option}, min_gain={self.min_gain}, seed={self.seed})")
+        return (
+            f"SafeImportance(active_layers={self.active_layers}, gamma={self.gamma}, eta={self.eta}, "
+            f"decay={self.decay}, coverage={self.coverage_option}, min_gain={self.min_gain}, seed={self.seed})"
+        )

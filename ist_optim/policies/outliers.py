@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 
-
 def _adapter_internals(block: nn.Module) -> set[int]:
     """ids of modules inside adapters (peft's ``lora_A``..., the library's ``down``/``up``), not their base layers."""
     inside: set[int] = set()

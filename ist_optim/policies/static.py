@@ -89,7 +89,6 @@ class WeightedLayers(_SeededPolicy):
         return f"WeightedLayers({self.weights.tolist()}, active_layers={self.active_layers}, seed={self.seed})"
 
 
-
 class LISALayers(_SeededPolicy):
     """LISA: ``active_layers`` layers drawn uniformly, switched every ``interval_steps`` steps.
 
