@@ -231,6 +231,7 @@ class RunConfig:
     suppression: float = 0.25
     num_probes: int = 3
     probe_layers: int | float = 0.5  # N_v (suppressed layers under the reference rule); an int is a count
+    probe_rows: int | float = 1.0  # IST's probe_rows: the share (or count) of the captured batch's rows probed
     reward: str = "difference"  # or "standardized" (see ist_optim.scheduler)
     lr_follows_rate: bool = False  # per-layer lr: min(sparse_lr_scale, steps / steps the layer trained) x lr
     seed: int = 0
@@ -296,6 +297,7 @@ def build_optimizer(
         suppression=config.suppression,
         num_probes=config.num_probes,
         probe_layers=config.probe_layers,
+        probe_rows=config.probe_rows,
         reward=config.reward,
         seed=config.seed,
     )

@@ -92,7 +92,7 @@ MODELS = ("smollm2", "minilm", "tiny", "tiny-bert")
 CLASSIFIERS = ("minilm", "tiny-bert")  # an encoder with a classification head; the others are causal LMs
 
 # Estimator options added later: records written before them ran with these values.
-ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference"}
+ESTIMATOR_DEFAULTS = {"probe_layers": 0.5, "reward": "difference", "probe_rows": 1.0}
 DATA_DEFAULTS = {"max_prompt_tokens": 128, "eval_size": 256}
 # Every option recorded only by later runs, with the value the runs before it ran with.
 LATER_DEFAULTS = {**ESTIMATOR_DEFAULTS, "lr_follows_rate": False, **DATA_DEFAULTS, "active_layers": 0.25}
@@ -260,6 +260,7 @@ def run_all(args: argparse.Namespace) -> None:
                     "importance_lr": args.importance_lr,
                     "probe_layers": args.probe_layers,
                     "reward": args.reward,
+                    "probe_rows": args.probe_rows,
                     "lr_follows_rate": args.lr_follows_rate and arm != "lora",
                     "max_prompt_tokens": args.max_prompt_tokens,
                     "eval_size": args.eval_size,
@@ -280,6 +281,7 @@ def run_all(args: argparse.Namespace) -> None:
                     active_layers=args.active_layers,
                     probe_layers=args.probe_layers,
                     reward=args.reward,
+                    probe_rows=args.probe_rows,
                     lr_follows_rate=record["lr_follows_rate"],
                 )
                 started = time.perf_counter()
@@ -485,6 +487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--active-layers", type=float, default=0.25)
     parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--importance-lr", type=float, default=10.0)
+    parser.add_argument(
+        "--probe-rows",
+        type=lambda s: float(s) if "." in s else int(s),
+        default=1.0,
+        help="IST arms: probe on this share (float) or count (int) of the captured batch's rows (IST's probe_rows)",
+    )
     parser.add_argument(
         "--probe-layers",
         type=lambda s: int(s) if s.isdigit() else float(s),

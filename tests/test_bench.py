@@ -150,7 +150,7 @@ def test_quality_benchmark_runs_the_seed_and_safe_policies(tmp_path):
         "--setting",
         "weekday",
         "--arms",
-        "lora,policy:lisa,policy:safe,policy:layerwise_cka",
+        "lora,ist,policy:lisa,policy:safe,policy:layerwise_cka",
         "--seeds",
         "0",
         "--budgets",
@@ -159,11 +159,16 @@ def test_quality_benchmark_runs_the_seed_and_safe_policies(tmp_path):
         "4",
         "--eval-size",
         "16",
+        "--probe-rows",
+        "2",
+        "--probe-interval",
+        "1",
         "--out",
         str(results),
     )
     records = {r["arm"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert set(records) == {"lora", "policy:lisa", "policy:safe", "policy:layerwise_cka"}
+    assert set(records) == {"lora", "ist", "policy:lisa", "policy:safe", "policy:layerwise_cka"}
+    assert records["ist"]["probe_rows"] == 2 and len(records["ist"]["importance"]) == 3  # a probe round a step
     cka = records["policy:layerwise_cka"]["layer_counts"]
     assert sorted(cka, reverse=True)[: sum(c > 0 for c in cka)] == [3] * sum(c > 0 for c in cka)  # fixed layers
 
