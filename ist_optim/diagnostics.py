@@ -85,7 +85,7 @@ import torch
 
 from .distributed import is_distributed, reduce_probe_losses, unwrap_model
 from .hooks import _set_flag
-from .probes import ProbeBatch, _batch_size, _loss_of, _map_rows, eval_mode
+from .probes import ProbeBatch, _batch_size, _loss_of, _map_rows, as_probe_batch, eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import IST
@@ -170,23 +170,6 @@ class ImportanceReport:
         if self.top_layers:
             lines.append("  * the fewest layers holding half of the signal")
         return "\n".join(lines)
-
-
-def _as_batch(batch: Any) -> ProbeBatch:
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if (
-        isinstance(batch, tuple)
-        and len(batch) == 2
-        and isinstance(batch[0], (tuple, list))
-        and isinstance(batch[1], Mapping)
-    ):
-        return tuple(batch[0]), dict(batch[1])
-    raise TypeError(
-        f"batch must be a dict of forward keyword arguments, a tensor, or (args, kwargs), but got {type(batch).__name__}"
-    )
 
 
 def _split(value: Any, rows: int, parts: int) -> list[Any]:
@@ -358,7 +341,7 @@ def _local_products(
             paired = getattr(opt, "_report_loss_inputs", None)  # what set_loss_inputs gave that batch's step
             if paired is not None and paired[0] is captured:
                 loss_inputs = paired[1]
-    batch = _as_batch(batch)
+    batch = as_probe_batch(batch)
     loss_inputs = dict(loss_inputs or {})
     rows = _batch_size((batch[0], {**batch[1], **loss_inputs}))
     if rows < groups:

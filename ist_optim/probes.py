@@ -15,7 +15,7 @@ batch instead of all of them, every batch-shaped tensor sliced alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -67,6 +67,30 @@ def _batch_size(batch: ProbeBatch, why: str = "batched probes") -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     raise RuntimeError(f"{why} need at least one tensor argument with a batch dim 0")
+
+
+def as_probe_batch(batch: Any, *, args_tuple: bool = False, what: str = "batch") -> ProbeBatch:
+    """A user's batch as ``(args, kwargs)``: a mapping is the forward's keywords, a tensor its one argument,
+    ``(args, kwargs)`` both; with ``args_tuple``, any other tuple or list is the positional arguments."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[0], (tuple, list))
+        and isinstance(batch[1], Mapping)
+    ):
+        return tuple(batch[0]), dict(batch[1])
+    if args_tuple and isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    forms = (
+        "a dict of forward keyword arguments, a tensor, "
+        + ("a tuple of arguments " if args_tuple else "")
+        + "or (args, kwargs)"
+    )
+    raise TypeError(f"{what} must be {forms}, but got {type(batch).__name__}")
 
 
 def check_probe_rows(value: Any) -> int | float:

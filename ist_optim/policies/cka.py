@@ -14,7 +14,7 @@ from torch import nn
 
 from ..distributed import reduce_probe_losses
 from ..hooks import _hidden_state, _replace_hidden
-from ..probes import ProbeBatch
+from ..probes import ProbeBatch, as_probe_batch
 from .._checks import as_int, resolve_layer_count
 from .base import LayerPolicy, PolicyContext, _require
 
@@ -302,27 +302,8 @@ class CKALayers(LayerPolicy):
 
 
 def _as_probe_batch(item: Any, device: torch.device | None) -> ProbeBatch:
-    """A calibration batch as ``(args, kwargs)``: a mapping is keywords, a tensor one argument, a tuple arguments."""
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    if isinstance(item, Mapping):
-        args, kwargs = (), dict(item)
-    elif isinstance(item, torch.Tensor):
-        args, kwargs = (item,), {}
-    elif (
-        isinstance(item, (tuple, list))
-        and len(item) == 2
-        and isinstance(item[0], (tuple, list))
-        and isinstance(item[1], Mapping)
-    ):
-        args, kwargs = tuple(item[0]), dict(item[1])
-    elif isinstance(item, (tuple, list)):
-        args, kwargs = tuple(item), {}
-    else:
-        raise TypeError(
-            f"LayerwiseCKA: a calibration batch must be a dict of model keywords, a tensor, a tuple of arguments "
-            f"or (args, kwargs), not {type(item).__name__}"
-        )
+    """A calibration batch as ``(args, kwargs)`` (a tuple of arguments allowed), moved to ``device``."""
+    args, kwargs = as_probe_batch(item, args_tuple=True, what="LayerwiseCKA: a calibration batch")
 
     def move(value: Any) -> Any:
         return value.to(device) if isinstance(value, torch.Tensor) and device is not None else value
