@@ -71,7 +71,7 @@ from .policies import (
     SafeImportance,
     layer_grad_norms,
 )
-from .scheduler import REWARDS, ImportanceScheduler, as_int, check_seed
+from .scheduler import REWARDS, RULES, ImportanceScheduler, as_int, check_seed
 from .suppression import KERNEL_CHOICES, BlockResidual, find_adapter_modules, suppress
 
 __all__ = ["IST", "ISTAdamW"]
@@ -222,28 +222,31 @@ class IST(Optimizer):
             raise TypeError("optimizer is already an IST wrapper; wrap the inner optimizer once")
         _check_model(model)
         check_distributed_model(model)  # DDP/FSDP1 settings IST cannot train under
-        options = _validated_options(
-            active_layers=active_layers,
-            probe_layers=probe_layers,
-            num_probes=num_probes,
-            policy=policy,
-            probe_interval=probe_interval,
-            suppression=suppression,
-            importance_lr=importance_lr,
-            rule=rule,
-            reward=reward,
-            probe_mode=probe_mode,
-            probe_rows=probe_rows,
-            kernels=kernels,
-            state_policy=state_policy,
-            backward_cut=backward_cut,
-            checkpoint_unselected=checkpoint_unselected,
-            seed=seed,
-            check_consistency=check_consistency,
-            outside_layers=outside_layers,
-            loss_fn=loss_fn,
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
+        # IST's options, named once here (as torch optimizers build ``defaults``), checked and normalised once
+        options, probes_enabled = _validated_options(
+            dict(
+                policy=policy,
+                active_layers=active_layers,
+                probe_layers=probe_layers,
+                num_probes=num_probes,
+                probe_interval=probe_interval,
+                suppression=suppression,
+                importance_lr=importance_lr,
+                rule=rule,
+                reward=reward,
+                probe_mode=probe_mode,
+                probe_rows=probe_rows,
+                kernels=kernels,
+                state_policy=state_policy,
+                backward_cut=backward_cut,
+                checkpoint_unselected=checkpoint_unselected,
+                seed=seed,
+                check_consistency=check_consistency,
+                outside_layers=outside_layers,
+            )
         )
-        probes_enabled = options.pop("probes_enabled")
         if options["seed"] is None:  # rank 0's torch.initial_seed(), broadcast once in a distributed run
             options["seed"] = shared_seed(torch.initial_seed())
         probe_mode, kernels = options["probe_mode"], options["kernels"]
@@ -754,85 +757,17 @@ def _replace_earlier_hooks(model: nn.Module) -> None:
         )
 
 
-def _validated_options(
-    *,
-    active_layers: Any,
-    probe_layers: Any,
-    num_probes: Any,
-    policy: Any,
-    probe_interval: Any,
-    suppression: Any,
-    importance_lr: Any,
-    rule: Any,
-    reward: Any,
-    probe_mode: Any,
-    probe_rows: Any,
-    kernels: Any,
-    state_policy: Any,
-    backward_cut: Any,
-    checkpoint_unselected: Any,
-    seed: Any,
-    check_consistency: Any,
-    outside_layers: Any,
-    loss_fn: Any,
-) -> dict[str, Any]:
-    """IST's options checked (clear errors, before anything is changed) and normalised to Python numbers and
-    strings, once: what ``IST.options`` holds and every checkpoint carries. The checks that need the model (layer
-    counts, adapters, the loss) stay in ``IST.__init__``; ``probes_enabled`` is returned beside the options.
+def _validated_options(raw: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """IST's options (``raw``: its keyword arguments by name) checked, with clear errors before anything is
+    changed, and normalised to Python numbers and strings: the dict ``IST.options`` holds and every checkpoint
+    carries (``_CHECKPOINTED_OPTIONS`` of it), returned with whether the probe rounds run. The checks that need
+    the model (layer counts, adapters, the loss) stay in ``IST.__init__``.
     """
-    if check_consistency is not None and not isinstance(check_consistency, bool):
-        raise TypeError(f"check_consistency must be a bool or None, but got {type(check_consistency).__name__}")
-    probe_interval = _check_int(probe_interval, "probe_interval", "an int >= 0; 0 disables probes")
-    if isinstance(suppression, bool) or not isinstance(suppression, numbers.Real) or not 0.0 <= suppression <= 1.0:
-        raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
-    if probe_mode not in PROBE_MODES:
-        raise ValueError(f"Invalid probe_mode: {probe_mode!r} (expected one of {PROBE_MODES})")
-    probe_rows = check_probe_rows(probe_rows)  # numpy numbers -> Python numbers (checkpointable)
-    if reward not in REWARDS:  # checked here too: policies other than "ist" build no scheduler
-        raise ValueError(f"Invalid reward: {reward!r} (expected one of {REWARDS})")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, but got {type(loss_fn).__name__}")
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"Invalid kernels: {kernels!r} (expected one of {KERNEL_CHOICES})")
-    if state_policy not in ("auto", *STATE_POLICIES):
-        raise ValueError(f"Invalid state_policy: {state_policy!r} (expected 'auto' or one of {STATE_POLICIES})")
-    for name, flag in (("backward_cut", backward_cut), ("checkpoint_unselected", checkpoint_unselected)):
-        if not isinstance(flag, bool) and not (name == "backward_cut" and flag is None):
-            raise TypeError(f"{name} must be a bool, but got {type(flag).__name__}")
+    options = dict(raw)
+    policy = options["policy"]
     if not isinstance(policy, LayerPolicy) and policy not in POLICIES:
         raise ValueError(f"Invalid policy: {policy!r} (expected one of {POLICIES} or a LayerPolicy)")
-    if outside_layers not in OUTSIDE_LAYERS:
-        raise ValueError(f"Invalid outside_layers: {outside_layers!r} (expected one of {OUTSIDE_LAYERS})")
-    num_probes = _check_int(num_probes, "num_probes", "an int >= 0")
-    probes_enabled = num_probes > 0 and probe_interval > 0
-    probes_enabled = probes_enabled and (policy == "ist" or getattr(policy, "uses_probes", False))
-    if probes_enabled and suppression == 1.0:
-        raise ValueError(
-            "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
-            "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
-        )
-    if state_policy == "auto":
-        state_policy = "keep"  # on CUDA too: offload's copies have never run on a GPU (bench/gpu_check.py checks them)
-    options: dict[str, Any] = dict(
-        active_layers=active_layers,
-        probe_layers=probe_layers,
-        num_probes=num_probes,
-        policy=policy if isinstance(policy, str) else type(policy).__name__,
-        probe_interval=probe_interval,
-        suppression=float(suppression),
-        importance_lr=importance_lr,
-        rule=rule,
-        reward=reward,
-        probe_mode=probe_mode,
-        probe_rows=probe_rows,
-        kernels=kernels,
-        state_policy=state_policy,
-        backward_cut=backward_cut,
-        checkpoint_unselected=checkpoint_unselected,
-        seed=check_seed(seed),
-        check_consistency=check_consistency,
-        outside_layers=outside_layers,
-    )
+    options["policy"] = policy if isinstance(policy, str) else type(policy).__name__
     for key in ("active_layers", "probe_layers"):  # numpy numbers -> Python numbers (checkpointable)
         value = options[key]
         if as_int(value) is not None:
@@ -841,6 +776,15 @@ def _validated_options(
             options[key] = float(value)  # its range is checked against the layer count by the policy
         else:
             raise TypeError(f"{key} must be an int count or a float fraction, but got {type(value).__name__}")
+    options["num_probes"] = _check_int(options["num_probes"], "num_probes", "an int >= 0")
+    options["probe_interval"] = _check_int(
+        options["probe_interval"], "probe_interval", "an int >= 0; 0 disables probes"
+    )
+    suppression = options["suppression"]
+    if isinstance(suppression, bool) or not isinstance(suppression, numbers.Real) or not 0.0 <= suppression <= 1.0:
+        raise ValueError(f"Invalid suppression: {suppression} (beta must lie in [0, 1])")
+    options["suppression"] = float(suppression)
+    importance_lr = options["importance_lr"]
     if (
         isinstance(importance_lr, bool)
         or not isinstance(importance_lr, numbers.Real)
@@ -848,8 +792,37 @@ def _validated_options(
     ):
         raise ValueError(f"Invalid importance_lr: {importance_lr} (need a finite float >= 0)")
     options["importance_lr"] = float(importance_lr)
-    options["probes_enabled"] = probes_enabled
-    return options
+    for key, choices in (  # checked here too: policies other than "ist" and "random" build no bandit
+        ("rule", RULES),
+        ("reward", REWARDS),
+        ("probe_mode", PROBE_MODES),
+        ("kernels", KERNEL_CHOICES),
+        ("outside_layers", OUTSIDE_LAYERS),
+    ):
+        if options[key] not in choices:
+            raise ValueError(f"Invalid {key}: {options[key]!r} (expected one of {choices})")
+    options["probe_rows"] = check_probe_rows(options["probe_rows"])  # numpy numbers -> Python numbers
+    if options["state_policy"] not in ("auto", *STATE_POLICIES):
+        raise ValueError(
+            f"Invalid state_policy: {options['state_policy']!r} (expected 'auto' or one of {STATE_POLICIES})"
+        )
+    if options["state_policy"] == "auto":
+        # on CUDA too: offload's copies have never run on a GPU (bench/gpu_check.py checks them)
+        options["state_policy"] = "keep"
+    for key in ("backward_cut", "checkpoint_unselected", "check_consistency"):
+        flag = options[key]
+        if not isinstance(flag, bool) and not (flag is None and key != "checkpoint_unselected"):
+            allowed = "a bool" if key == "checkpoint_unselected" else "a bool or None"
+            raise TypeError(f"{key} must be {allowed}, but got {type(flag).__name__}")
+    options["seed"] = check_seed(options["seed"])
+    probes_enabled = options["num_probes"] > 0 and options["probe_interval"] > 0
+    probes_enabled = probes_enabled and (policy == "ist" or getattr(policy, "uses_probes", False))
+    if probes_enabled and options["suppression"] == 1.0:
+        raise ValueError(
+            "Invalid suppression: 1.0 with probes on (beta = 1 suppresses nothing, so every candidate has the "
+            "same loss and importance can never move); use beta < 1, or num_probes=0 for uniform selection"
+        )
+    return options, probes_enabled
 
 
 def _named_policy(options: dict[str, Any], num_layers: int) -> LayerPolicy:

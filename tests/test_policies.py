@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from conftest import lm_batch, tiny_peft_llama
@@ -159,6 +160,14 @@ def test_a_user_policy_with_probes_gets_probe_losses():
         dict(importance_lr="x"),
         dict(importance_lr=None),
         dict(probe_layers=True),
+        dict(rule="papper"),
+        dict(reward="diff"),
+        dict(probe_mode="parallel"),
+        dict(probe_rows=0),
+        dict(state_policy="evict"),
+        dict(backward_cut="yes"),
+        dict(check_consistency=1),
+        dict(seed="1"),
     ],
 )
 def test_bad_option_types_are_refused_for_every_named_policy(policy, bad):
@@ -176,3 +185,19 @@ def test_a_policy_refusing_the_model_in_attach_leaves_no_hooks_behind():
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
     opt = ISTAdamW(model, lr=1e-2)  # and a new IST builds without meeting the old hooks
     assert opt.hooks.user_frozen == []
+
+
+def test_options_hold_every_keyword_option_of_ist_once_normalised():
+    """``IST.options`` names each keyword option of ``IST.__init__`` (less the callables and layer lists it
+    cannot checkpoint), and what a checkpoint carries is a part of it."""
+    import inspect
+
+    from ist_optim.optimizer import _CHECKPOINTED_OPTIONS, IST
+
+    parameters = inspect.signature(IST.__init__).parameters.values()
+    keywords = {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - {"loss_fn", "layers", "layer_of"}
+    opt = ISTAdamW(tiny_peft_llama(), lr=1e-2, active_layers=np.int64(2), suppression=np.float32(0.5))
+    assert set(opt.options) == keywords
+    assert set(_CHECKPOINTED_OPTIONS) <= set(opt.options)
+    assert type(opt.options["active_layers"]) is int and type(opt.options["suppression"]) is float
+    assert set(opt.state_dict()["ist"]["options"]) == set(_CHECKPOINTED_OPTIONS)
