@@ -41,7 +41,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .hooks import ModelHooks, _uses_reentrant_checkpointing
 
+T = TypeVar("T")
+
 __all__ = [
     "DistributedSupport",
     "check_distributed_model",
@@ -57,6 +60,7 @@ __all__ = [
     "consistency_check_enabled",
     "deepspeed_detected",
     "is_distributed",
+    "rank_local",
     "reduce_probe_losses",
     "shared_seed",
     "unwrap_model",
@@ -300,6 +304,35 @@ def shared_seed(seed: int) -> int:
     value = torch.tensor([seed], dtype=torch.int64, device=_collective_device())
     dist.broadcast(value, src=0)
     return int(value.item())
+
+
+def rank_local(work: Callable[[], T], what: str) -> T:
+    """``work()``, rank-local work followed by a collective, whose failure on one rank fails every rank.
+
+    A rank that raised alone would leave the others waiting in the collective
+    that follows until the process group's timeout. So the ranks first agree
+    on whether every one succeeded: the failing rank raises its own error, the
+    others a ``RuntimeError`` naming the ranks that failed. Not distributed:
+    ``work()`` as it is.
+    """
+    error: Exception | None = None
+    try:
+        result = work()
+    except Exception as caught:
+        if not is_distributed():
+            raise
+        error = caught
+    if is_distributed():
+        flags = _gather(torch.tensor([error is not None], dtype=torch.int64)).flatten().tolist()
+        failed = [rank for rank, flag in enumerate(flags) if flag]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(
+                f"{what} failed on rank(s) {failed} (the error is in their output); every rank stops here instead "
+                "of waiting for them in the next collective"
+            )
+    return result
 
 
 def reduce_probe_losses(losses: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import reduce_probe_losses
+from ..distributed import rank_local, reduce_probe_losses
 from ..hooks import _hidden_state, _replace_hidden
 from ..probes import ProbeBatch, as_probe_batch
 from .._checks import as_int, resolve_layer_count
@@ -159,7 +159,9 @@ class CKALayers(LayerPolicy):
             return
         if self.frozen is None:
             raise RuntimeError("CKALayers: the frozen copy of the layers is missing (the policy was never attached)")
-        local = self._measure(context)
+        local = rank_local(
+            lambda: self._measure(context), "CKALayers' measurement of the warm-up batch"
+        )  # before the reduce that waits for all
         values = reduce_probe_losses(local)  # the mean over ranks (bit-identical everywhere); itself when alone
         if bool(torch.isfinite(values).all()):
             self.cka_sum += values
@@ -424,6 +426,14 @@ class LayerwiseCKA(LayerPolicy):
                 "base weights, so scaling the adapters by 0 does not give it back; rank the blocks on a model with "
                 "LoRA's default init (or before get_peft_model) and pass FixedLayers(ranking[:n])"
             )
+        local = rank_local(
+            lambda: self._measure(context), "LayerwiseCKA's measurement of the calibration batches"
+        )  # before the reduce that waits for all
+        self.cka = reduce_probe_losses(local)  # the mean over ranks; itself when alone
+        self.ranking = sorted(range(self.num_layers), key=lambda i: (float(self.cka[i]), i))
+
+    def _measure(self, context: PolicyContext) -> torch.Tensor:
+        """This rank's CKA of each pretrained block's input and output on the calibration batches."""
         params = [p for ps in context.layer_params for p in ps]
         device = params[0].device if params else None
         inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(self.num_layers)}
@@ -463,10 +473,8 @@ class LayerwiseCKA(LayerPolicy):
         missing = [context.layer_names[i] for i in range(self.num_layers) if not inputs[i] or not outputs[i]]
         if missing:
             raise ValueError(f"LayerwiseCKA: no hidden-state input or output was seen for {missing[:4]}")
-        local = torch.stack([linear_cka(torch.cat(inputs[i]), torch.cat(outputs[i])) for i in range(self.num_layers)])
         self.num_rows = int(sum(t.shape[0] for t in inputs[0]))
-        self.cka = reduce_probe_losses(local)  # the mean over ranks; itself when alone
-        self.ranking = sorted(range(self.num_layers), key=lambda i: (float(self.cka[i]), i))
+        return torch.stack([linear_cka(torch.cat(inputs[i]), torch.cat(outputs[i])) for i in range(self.num_layers)])
 
     def sample_active(self) -> list[int]:
         if not self.ranking:
