@@ -112,6 +112,12 @@ class LISALayers(_SeededPolicy):
     ``interval_steps=1`` redraws before every step, which is ``policy="random"``'s
     distribution.
 
+    The steps counted are the optimizer steps IST takes. A step that
+    ``GradScaler`` skips (an fp16 overflow) never calls the optimizer, so it
+    does not count here, while LMFlow counts ``Trainer``'s ``global_step``,
+    which does: under fp16 the switch points come later than LMFlow's by the
+    number of skipped steps (a few, at the start of a run).
+
     Args:
         active_layers: layers per interval (int count or float fraction of ``L``).
         interval_steps: ``K >= 1``, optimizer steps between switches.
