@@ -276,32 +276,9 @@ class IST(Optimizer):
             policy if isinstance(policy, LayerPolicy) else _named_policy(options, len(self.layer_map))
         )
         self.scheduler.bind(len(self.layer_map))
-        if isinstance(optimizer, torch.optim.LBFGS) and not self.scheduler.trains_every_layer:
-            raise ValueError(
-                "torch.optim.LBFGS keeps one flat curvature history over all its parameters and moves every "
-                "parameter along it each step, also those without a gradient, so it would update layers IST froze "
-                "for the step; IST wraps LBFGS only with every layer active (active_layers=1.0, or "
-                "FixedLayers(all layers)), where it steps exactly as plain LBFGS"
-            )
+        _check_inner_optimizer(optimizer, self.scheduler)
         self.probes_enabled = probes_enabled
-        self.adapters = find_adapter_modules(model, self.layer_map.params)
-        if self.probes_enabled:
-            missing = [name for name, mods in zip(self.layer_map.names, self.adapters) if not mods]
-            if len(missing) == len(self.adapters) and all(m is not None for m in self.layer_map.modules):
-                # Full-layer mode: no adapters anywhere, so a probe scales each block's residual update.
-                self.adapters = [[BlockResidual(block)] for block in self.layer_map.modules]
-                missing = []
-            if missing:
-                raise ValueError(
-                    f"probes need adapter modules (a module with a base_layer, as peft's) in every layer, but "
-                    f"{len(missing)} layer(s) have none: {missing[:4]}; set num_probes=0 to train without "
-                    "the importance loop"
-                )
-            if kernels == "triton" and not use_triton(self.layer_map.params[0][0], forced=True):
-                raise ValueError(
-                    "kernels='triton' needs Triton and the model on CUDA (or TRITON_INTERPRET=1 set before "
-                    "importing on CPU); use kernels='auto'"
-                )
+        self.adapters = _probe_targets(model, self.layer_map, probes_enabled, kernels)
 
         # Optimizer.__init__ sets up the hook registries and the step patch;
         # the empty group is replaced by the shared list right after.
@@ -846,6 +823,40 @@ def _named_policy(options: dict[str, Any], num_layers: int) -> LayerPolicy:
         seed=seed,
         reward=options["reward"],
     )
+
+
+def _check_inner_optimizer(optimizer: Optimizer, policy: LayerPolicy) -> None:
+    """Refuse inner optimizers that would move the layers IST froze for the step."""
+    if isinstance(optimizer, torch.optim.LBFGS) and not policy.trains_every_layer:
+        raise ValueError(
+            "torch.optim.LBFGS keeps one flat curvature history over all its parameters and moves every "
+            "parameter along it each step, also those without a gradient, so it would update layers IST froze "
+            "for the step; IST wraps LBFGS only with every layer active (active_layers=1.0, or "
+            "FixedLayers(all layers)), where it steps exactly as plain LBFGS"
+        )
+
+
+def _probe_targets(model: nn.Module, layer_map: LayerMap, probes_enabled: bool, kernels: str) -> list[list[nn.Module]]:
+    """Each layer's modules a probe scales: its adapters, or (full-layer mode, with probes) the block itself."""
+    adapters = find_adapter_modules(model, layer_map.params)
+    if probes_enabled:
+        missing = [name for name, mods in zip(layer_map.names, adapters) if not mods]
+        if len(missing) == len(adapters) and all(m is not None for m in layer_map.modules):
+            # Full-layer mode: no adapters anywhere, so a probe scales each block's residual update.
+            adapters = [[BlockResidual(block)] for block in layer_map.modules]
+            missing = []
+        if missing:
+            raise ValueError(
+                f"probes need adapter modules (a module with a base_layer, as peft's) in every layer, but "
+                f"{len(missing)} layer(s) have none: {missing[:4]}; set num_probes=0 to train without "
+                "the importance loop"
+            )
+        if kernels == "triton" and not use_triton(layer_map.params[0][0], forced=True):
+            raise ValueError(
+                "kernels='triton' needs Triton and the model on CUDA (or TRITON_INTERPRET=1 set before "
+                "importing on CPU); use kernels='auto'"
+            )
+    return adapters
 
 
 def _check_int(value: Any, name: str, need: str) -> int:
