@@ -312,13 +312,15 @@ def rank_local(work: Callable[[], T], what: str) -> T:
     A rank that raised alone would leave the others waiting in the collective
     that follows until the process group's timeout. So the ranks first agree
     on whether every one succeeded: the failing rank raises its own error, the
-    others a ``RuntimeError`` naming the ranks that failed. Not distributed:
-    ``work()`` as it is.
+    others a ``RuntimeError`` naming the ranks that failed. ``work()`` itself
+    must enter no collective (a rank failing inside one leaves the others in
+    it): run the unwrapped module, and check inputs before any sharded
+    (FSDP2) forward. Not distributed: ``work()`` as it is.
     """
-    error: Exception | None = None
+    error: BaseException | None = None
     try:
         result = work()
-    except Exception as caught:
+    except BaseException as caught:  # KeyboardInterrupt on one rank too: the others must not wait for it
         if not is_distributed():
             raise
         error = caught

@@ -184,7 +184,8 @@ class CKALayers(LayerPolicy):
         nan = torch.full((self.num_layers,), math.nan, dtype=torch.float64)
         if context.batch is None:
             warnings.warn(
-                "CKALayers: no training batch was seen before step(); this warm-up step is not measured", stacklevel=4
+                "CKALayers: no training batch was seen before step(); this warm-up step is not measured",
+                stacklevel=7,  # the user's opt.step(): IST.step, after_step, rank_local, its lambda, here
             )
             return nan
         blocks = context.layers
@@ -313,6 +314,14 @@ def _as_probe_batch(item: Any, device: torch.device | None) -> ProbeBatch:
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
+NO_REAL_TOKEN = "LayerwiseCKA: a calibration row has no token with attention_mask 1"
+
+
+def _has_row_without_real_token(kwargs: Mapping[str, Any]) -> bool:
+    mask = kwargs.get("attention_mask")
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask == 0).all(dim=1).any())
+
+
 def _feature_rows(hidden: torch.Tensor, kwargs: Mapping[str, Any], tokens: str) -> torch.Tensor:
     """``(n, d)`` rows of a block's hidden state: each sequence's last real token, or every real token."""
     if hidden.dim() < 3:
@@ -324,7 +333,7 @@ def _feature_rows(hidden: torch.Tensor, kwargs: Mapping[str, Any], tokens: str) 
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)  # right or left padding
         if bool((last < 0).any()):
-            raise ValueError("LayerwiseCKA: a calibration row has no token with attention_mask 1")
+            raise ValueError(NO_REAL_TOKEN)
     else:
         last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
@@ -426,16 +435,26 @@ class LayerwiseCKA(LayerPolicy):
                 "base weights, so scaling the adapters by 0 does not give it back; rank the blocks on a model with "
                 "LoRA's default init (or before get_peft_model) and pass FixedLayers(ranking[:n])"
             )
+        params = [p for ps in context.layer_params for p in ps]
+        device = params[0].device if params else None
+        # the ranks agree twice: on the batches before any forward (a sharded FSDP2 forward all-gathers, and a rank
+        # that stopped before it would leave the others there), and on the measurement before the reduce
+        batches = rank_local(lambda: self._checked_batches(device), "LayerwiseCKA's check of the calibration batches")
         local = rank_local(
-            lambda: self._measure(context), "LayerwiseCKA's measurement of the calibration batches"
-        )  # before the reduce that waits for all
+            lambda: self._measure(context, batches), "LayerwiseCKA's measurement of the calibration batches"
+        )
         self.cka = reduce_probe_losses(local)  # the mean over ranks; itself when alone
         self.ranking = sorted(range(self.num_layers), key=lambda i: (float(self.cka[i]), i))
 
-    def _measure(self, context: PolicyContext) -> torch.Tensor:
+    def _checked_batches(self, device: torch.device | None) -> list[ProbeBatch]:
+        """The calibration batches as ``(args, kwargs)`` on ``device``, each checked."""
+        batches = [_as_probe_batch(item, device) for item in self.batches]
+        if self.tokens == "last" and any(_has_row_without_real_token(kwargs) for _, kwargs in batches):
+            raise ValueError(NO_REAL_TOKEN)
+        return batches
+
+    def _measure(self, context: PolicyContext, batches: list[ProbeBatch]) -> torch.Tensor:
         """This rank's CKA of each pretrained block's input and output on the calibration batches."""
-        params = [p for ps in context.layer_params for p in ps]
-        device = params[0].device if params else None
         inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(self.num_layers)}
         outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(self.num_layers)}
         seen: set[tuple[str, int]] = set()
@@ -461,8 +480,7 @@ class LayerwiseCKA(LayerPolicy):
                 )
                 handles.append(block.register_forward_hook(functools.partial(record_output, index), with_kwargs=True))
             with context.pretrained():
-                for item in self.batches:
-                    batch = _as_probe_batch(item, device)
+                for batch in batches:
                     seen.clear()
                     kwargs_now.clear()
                     kwargs_now.update(batch[1])
