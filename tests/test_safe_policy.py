@@ -9,6 +9,7 @@ average of ``||grad lora_B||^2`` read off the gradients by hand.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -50,6 +51,18 @@ def test_draws_have_the_inclusion_probabilities_as_marginals():
         counts[chosen] += 1
     sd = (pi * (1 - pi) / n).sqrt()
     assert bool(((counts / n - pi).abs() <= 4 * sd + 1e-12).all()), (counts / n, pi)
+
+
+def test_equal_inclusion_draws_every_subset_alike():
+    """With equal ``pi`` the draw is uniform without replacement: every pair of 6 layers, neighbours included (a
+    fixed-order systematic draw only ever gives the 3 evenly spaced pairs)."""
+    pi = torch.full((6,), 2 / 6, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    n = 15000
+    pairs = Counter(tuple(systematic_sample(pi, generator)) for _ in range(n))
+    assert len(pairs) == 15 and all(len(pair) == 2 for pair in pairs)
+    p = 1 / 15
+    assert all(abs(c / n - p) <= 4 * math.sqrt(p * (1 - p) / n) for c in pairs.values()), pairs
 
 
 def test_the_floor_holds_under_an_extreme_signal():

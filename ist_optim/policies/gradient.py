@@ -201,17 +201,23 @@ def _capped_inclusion(weights: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def systematic_sample(pi: torch.Tensor, generator: torch.Generator) -> list[int]:
-    """Madow's systematic sampling: ``round(sum(pi))`` distinct indices, index ``i`` included with probability ``pi[i]``.
+    """Randomized systematic sampling: ``round(sum(pi))`` distinct indices, index ``i`` included with probability
+    ``pi[i]``.
 
-    One uniform ``u``; the points ``u, u + 1, ...`` fall into the intervals of ``cumsum(pi)``. Every ``pi`` must
-    lie in ``[0, 1]``.
+    Madow's systematic sampling on a random order of the indices (Goodman and Kish 1950): one uniform ``u``; the
+    points ``u, u + 1, ...`` fall into the intervals of ``cumsum(pi)`` taken in that order. The marginals are
+    ``pi`` either way; the random order is what makes the *joint* draw unbiased too: in a fixed order the points
+    are about ``1 / mean(pi)`` indices apart, so with equal ``pi`` the same few evenly spaced sets recur (for 2 of 6:
+    only ``{0, 3}``, ``{1, 4}``, ``{2, 5}``) and neighbours never train together, while in a random order every
+    ``k``-subset is equally likely (uniform sampling without replacement). Every ``pi`` must lie in ``[0, 1]``.
     """
     count = int(round(float(pi.sum())))
+    order = torch.randperm(pi.numel(), generator=generator)
     u = float(torch.rand((), generator=generator, dtype=torch.float64))
-    edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pi.to(torch.float64), 0)])
+    edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pi[order].to(torch.float64), 0)])
     points = torch.arange(count, dtype=torch.float64) + u
     found = torch.searchsorted(edges, points, right=True) - 1
-    chosen = {min(int(i), pi.numel() - 1) for i in found.tolist()}
+    chosen = {int(order[min(int(i), pi.numel() - 1)]) for i in found.tolist()}
     for i in sorted(range(pi.numel()), key=lambda j: -float(pi[j])):  # rounding at an edge: fill, largest pi first
         if len(chosen) >= count:
             break
@@ -242,7 +248,9 @@ class SafeImportance(_SeededPolicy):
       of each layer among the ``k`` trained per step is
       ``pi_l = k * ((1 - gamma) * q_l + gamma / L)``, capped at 1 with the
       excess moved to the others; ``k`` layers are drawn with exactly these
-      marginals (systematic sampling). If the potentials are nearly equal,
+      marginals (systematic sampling on a random order of the layers: with
+      equal ``pi`` the draw is uniform without replacement, as ``"random"``'s).
+      If the potentials are nearly equal,
       ``1 - rho < min_gain`` with ``rho = (sum sqrt(G))^2 / (L * sum G)`` (the
       variance of optimal importance sampling over uniform's: the most any
       rule can gain), the draw is uniform (Katharopoulos and Fleuret,
