@@ -67,6 +67,7 @@ from .policies import (
     GradNormLayers,
     LayerPolicy,
     LISALayers,
+    SpreadLayers,
     PolicyContext,
     SafeImportance,
     layer_grad_norms,
@@ -154,6 +155,8 @@ class IST(Optimizer):
             paper's random sparse tuning, a new draw every step; no probes),
             ``"lisa"`` (:class:`~ist_optim.LISALayers`: LISA's uniform draw of
             ``active_layers`` layers, switched every 20 steps as in LMFlow),
+            ``"spread"`` (:class:`~ist_optim.SpreadLayers`: ``"random"``'s marginals,
+            one layer in each of ``k`` depth strata every step; no probes),
             ``"safe"`` (:class:`~ist_optim.SafeImportance` with its defaults:
             ``||grad B||`` importance mixed with uniform, a per-layer floor and
             forced coverage; no probes), ``"cka"``
@@ -691,7 +694,7 @@ class IST(Optimizer):
         return f"{type(self).__name__}(layers={len(self.layer_map)}, {options},\n{inner}\n)"
 
 
-POLICIES = ("ist", "random", "lisa", "safe", "cka", "gradnorm")
+POLICIES = ("ist", "random", "lisa", "spread", "safe", "cka", "gradnorm")
 OUTSIDE_LAYERS = ("train", "freeze")
 
 _CHECKPOINTED_OPTIONS = (
@@ -811,6 +814,8 @@ def _named_policy(options: dict[str, Any], num_layers: int) -> LayerPolicy:
         return GradNormLayers(count, seed=seed)
     if name == "lisa":
         return LISALayers(count, interval_steps=20, seed=seed)
+    if name == "spread":
+        return SpreadLayers(count, seed=seed)
     if name == "safe":
         return SafeImportance(count, seed=seed)
     return ImportanceScheduler(  # "ist", and "random": no probes, importance stays 0, the draws are uniform

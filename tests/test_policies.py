@@ -150,7 +150,7 @@ def test_a_user_policy_with_probes_gets_probe_losses():
     assert len(policy.updates) == 2 and all(u.shape == (2,) and u[0] != u[1] for u in policy.updates)
 
 
-@pytest.mark.parametrize("policy", ["ist", "random", "lisa", "safe", "cka", "gradnorm"])
+@pytest.mark.parametrize("policy", ["ist", "random", "lisa", "spread", "safe", "cka", "gradnorm"])
 @pytest.mark.parametrize(
     "bad",
     [
@@ -201,3 +201,31 @@ def test_options_hold_every_keyword_option_of_ist_once_normalised():
     assert set(_CHECKPOINTED_OPTIONS) <= set(opt.options)
     assert type(opt.options["active_layers"]) is int and type(opt.options["suppression"]) is float
     assert set(opt.state_dict()["ist"]["options"]) == set(_CHECKPOINTED_OPTIONS)
+
+
+def test_spread_draws_one_layer_per_depth_stratum_with_random_s_marginals():
+    """``SpreadLayers``: the layers ``floor((u + j) L / k)`` for one uniform ``u`` a step, by hand; every layer's
+    frequency ``k / L``; the layers of a draw ``L / k`` apart (rounded down or up)."""
+    import math
+
+    from ist_optim import SpreadLayers
+
+    L, k, n = 10, 3, 12000
+    policy = SpreadLayers(k, seed=4)
+    policy.bind(L)
+    twin = torch.Generator().manual_seed(4)
+    counts = torch.zeros(L, dtype=torch.float64)
+    pairs = set()
+    for _ in range(n):
+        active = policy.sample_active()
+        u = float(torch.rand((), generator=twin, dtype=torch.float64))
+        assert active == [math.floor((u + j) * L / k) for j in range(k)]
+        gaps = {b - a for a, b in zip(active, active[1:] + [active[0] + L])}  # around the depth, as a circle
+        assert gaps <= {math.floor(L / k), math.ceil(L / k)}  # evenly spread: L / k apart, rounded
+        counts[active] += 1
+        pairs.update((a, b) for a in active for b in active if a < b)
+    p = k / L
+    assert bool(((counts / n - p).abs() <= 4 * math.sqrt(p * (1 - p) / n)).all()), counts / n
+    assert (0, 1) not in pairs and (0, 2) not in pairs  # neighbours never together at L / k > 3
+    opt = ISTAdamW(tiny_peft_llama(), lr=1e-2, policy="spread", active_layers=1)
+    assert type(opt.scheduler) is SpreadLayers and not opt.probes_enabled

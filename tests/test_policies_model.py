@@ -25,6 +25,7 @@ from ist_optim import (
     LayerwiseCKA,
     LISALayers,
     SafeImportance,
+    SpreadLayers,
     WeightedLayers,
     outlier_ratios,
 )
@@ -201,6 +202,7 @@ RESUMABLE = {
     "weighted": (lambda: WeightedLayers([1.0, 2.0, 3.0, 4.0], 2, seed=5), 3),
     "lisa-mid-interval": (lambda: LISALayers(2, interval_steps=3, seed=5), 4),
     "safe": (lambda: SafeImportance(1, gamma=0.3, seed=5), 5),
+    "spread": (lambda: SpreadLayers(2, seed=5), 3),
 }
 
 
@@ -365,7 +367,9 @@ def _model_of_kind(kind: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["dora", "series", "parallel", "full-layer"])
-@pytest.mark.parametrize("policy", ["random", "lisa", "safe", "cka", "layerwise-cka", "gradnorm", "weighted", "fixed"])
+@pytest.mark.parametrize(
+    "policy", ["random", "lisa", "spread", "safe", "cka", "layerwise-cka", "gradnorm", "weighted", "fixed"]
+)
 def test_every_policy_trains_only_its_layers_with_every_adapter_kind(policy, kind):
     from ist_optim import FixedLayers
 

@@ -41,7 +41,8 @@ it would keep the optimizer alive, and a deep copy would share it).
 
 Built in: ``"ist"`` (the bandit, default), ``"random"`` (uniform without
 replacement, redrawn every step: the paper's random sparse tuning),
-:class:`LISALayers` (``"lisa"``: LISA as LMFlow runs it, switched every
+:class:`SpreadLayers` (``"spread"``: the same marginals, one layer in each of
+``k`` depth strata every step), :class:`LISALayers` (``"lisa"``: LISA as LMFlow runs it, switched every
 ``interval_steps``), :class:`FixedLayers`, :class:`WeightedLayers` (e.g.
 OwLore's outlier ratios, see :func:`outlier_ratios`), :class:`LayerwiseCKA`
 (the seed paper's pretrained input-vs-output CKA ranking, before training),
@@ -54,7 +55,7 @@ from .base import LayerPolicy, PolicyContext
 from .cka import CKALayers, LayerwiseCKA, linear_cka
 from .gradient import GradNormLayers, SafeImportance, layer_grad_norms, systematic_sample
 from .outliers import outlier_ratios
-from .static import FixedLayers, LISALayers, WeightedLayers
+from .static import FixedLayers, LISALayers, SpreadLayers, WeightedLayers
 
 __all__ = [
     "ImportanceScheduler",
@@ -67,6 +68,7 @@ __all__ = [
     "LayerwiseCKA",
     "LISALayers",
     "SafeImportance",
+    "SpreadLayers",
     "layer_grad_norms",
     "linear_cka",
     "outlier_ratios",

@@ -200,7 +200,7 @@ def _capped_inclusion(weights: torch.Tensor, count: int) -> torch.Tensor:
     return pi
 
 
-def systematic_sample(pi: torch.Tensor, generator: torch.Generator) -> list[int]:
+def systematic_sample(pi: torch.Tensor, generator: torch.Generator, *, shuffle: bool = True) -> list[int]:
     """Randomized systematic sampling: ``round(sum(pi))`` distinct indices, index ``i`` included with probability
     ``pi[i]``.
 
@@ -209,10 +209,11 @@ def systematic_sample(pi: torch.Tensor, generator: torch.Generator) -> list[int]
     ``pi`` either way; the random order is what makes the *joint* draw unbiased too: in a fixed order the points
     are about ``1 / mean(pi)`` indices apart, so with equal ``pi`` the same few evenly spaced sets recur (for 2 of 6:
     only ``{0, 3}``, ``{1, 4}``, ``{2, 5}``) and neighbours never train together, while in a random order every
-    ``k``-subset is equally likely (uniform sampling without replacement). Every ``pi`` must lie in ``[0, 1]``.
+    ``k``-subset is equally likely (uniform sampling without replacement). ``shuffle=False`` keeps the index order
+    (:class:`~ist_optim.SpreadLayers`: a draw spread evenly over the indices). Every ``pi`` must lie in ``[0, 1]``.
     """
     count = int(round(float(pi.sum())))
-    order = torch.randperm(pi.numel(), generator=generator)
+    order = torch.randperm(pi.numel(), generator=generator) if shuffle else torch.arange(pi.numel())
     u = float(torch.rand((), generator=generator, dtype=torch.float64))
     edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pi[order].to(torch.float64), 0)])
     points = torch.arange(count, dtype=torch.float64) + u

@@ -1,4 +1,5 @@
-"""Choices that look at nothing: fixed layers, weighted draws (OwLore), LISA's uniform draw held for K steps."""
+"""Choices that look at nothing: fixed layers, weighted draws (OwLore), LISA's uniform draw held for K steps, and
+draws spread evenly through depth."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from .._checks import as_int, resolve_layer_count
 from .base import LayerPolicy, PolicyContext, _require, _SeededPolicy
+from .gradient import systematic_sample
 
 
 class FixedLayers(LayerPolicy):
@@ -165,3 +167,39 @@ class LISALayers(_SeededPolicy):
 
     def __repr__(self) -> str:
         return f"LISALayers(active_layers={self.active_layers}, interval_steps={self.interval_steps}, seed={self.seed})"
+
+
+class SpreadLayers(_SeededPolicy):
+    """``active_layers`` layers spread evenly through depth, at a new random offset every step.
+
+    Each step draws one ``u`` uniformly in ``[0, 1)`` and trains the layers
+    ``floor((u + j) * L / k)`` for ``j = 0 .. k - 1``: systematic sampling in
+    depth order with equal inclusion probabilities (``systematic_sample(...,
+    shuffle=False)``). Every layer trains with probability ``k / L``, as with
+    ``policy="random"``; what differs is the joint draw: the ``k`` layers of
+    a step lie ``L / k`` apart (rounded down or up), one in each ``k``-th of
+    the depth (a stratified draw), so a step never trains only the bottom or
+    only the top of the network, and layers fewer than ``floor(L / k)``
+    apart never train together.
+
+    Args:
+        active_layers: layers per step (int count or float fraction of ``L``).
+        seed: seed of the policy's own generator; ``None`` (default): IST's ``seed`` option.
+    """
+
+    def __init__(self, active_layers: int | float = 0.25, *, seed: int | None = None) -> None:
+        super().__init__(seed)
+        self.active_layers = active_layers
+        self.num_active = 0
+
+    def bind(self, num_layers: int) -> None:
+        super().bind(num_layers)
+        self.num_active = resolve_layer_count(self.active_layers, num_layers, "active_layers")
+
+    def sample_active(self) -> list[int]:
+        pi = torch.full((self.num_layers,), self.num_active / self.num_layers, dtype=torch.float64)
+        self.active = systematic_sample(pi, self.generator, shuffle=False)
+        return list(self.active)
+
+    def __repr__(self) -> str:
+        return f"SpreadLayers(active_layers={self.active_layers}, seed={self.seed})"
