@@ -67,9 +67,9 @@ from .policies import (
     GradNormLayers,
     LayerPolicy,
     LISALayers,
-    SpreadLayers,
     PolicyContext,
     SafeImportance,
+    SpreadLayers,
     layer_grad_norms,
 )
 from .scheduler import REWARDS, RULES, ImportanceScheduler, as_int, check_seed
@@ -156,7 +156,7 @@ class IST(Optimizer):
             ``"lisa"`` (:class:`~ist_optim.LISALayers`: LISA's uniform draw of
             ``active_layers`` layers, switched every 20 steps as in LMFlow),
             ``"spread"`` (:class:`~ist_optim.SpreadLayers`: ``"random"``'s marginals,
-            one layer in each of ``k`` depth strata every step; no probes),
+            each step's layers spread evenly through depth; no probes),
             ``"safe"`` (:class:`~ist_optim.SafeImportance` with its defaults:
             ``||grad B||`` importance mixed with uniform, a per-layer floor and
             forced coverage; no probes), ``"cka"``
