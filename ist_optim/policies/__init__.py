@@ -41,8 +41,8 @@ it would keep the optimizer alive, and a deep copy would share it).
 
 Built in: ``"ist"`` (the bandit, default), ``"random"`` (uniform without
 replacement, redrawn every step: the paper's random sparse tuning),
-:class:`SpreadLayers` (``"spread"``: the same marginals, one layer in each of
-``k`` depth strata every step), :class:`LISALayers` (``"lisa"``: LISA as LMFlow runs it, switched every
+:class:`SpreadLayers` (``"spread"``: the same marginals, each step's layers spread
+evenly through depth), :class:`LISALayers` (``"lisa"``: LISA as LMFlow runs it, switched every
 ``interval_steps``), :class:`FixedLayers`, :class:`WeightedLayers` (e.g.
 OwLore's outlier ratios, see :func:`outlier_ratios`), :class:`LayerwiseCKA`
 (the seed paper's pretrained input-vs-output CKA ranking, before training),

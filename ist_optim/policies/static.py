@@ -177,10 +177,11 @@ class SpreadLayers(_SeededPolicy):
     depth order with equal inclusion probabilities (``systematic_sample(...,
     shuffle=False)``). Every layer trains with probability ``k / L``, as with
     ``policy="random"``; what differs is the joint draw: the ``k`` layers of
-    a step lie ``L / k`` apart (rounded down or up), one in each ``k``-th of
-    the depth (a stratified draw), so a step never trains only the bottom or
-    only the top of the network, and layers fewer than ``floor(L / k)``
-    apart never train together.
+    a step lie ``L / k`` apart (rounded down or up: a stratified draw), so
+    a step never trains only the bottom or only the top of the network, and
+    layers fewer than ``floor(L / k)`` apart never train together. On the
+    weekday task this did worse than ``"random"`` (docs/evidence/policies.md);
+    it is there as the control that showed it.
 
     Args:
         active_layers: layers per step (int count or float fraction of ``L``).
