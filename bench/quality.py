@@ -476,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--policy",
-        help="add an arm that runs ISTAdamW(policy=NAME), e.g. lisa, safe, cka, gradnorm, "
+        help="add an arm that runs ISTAdamW(policy=NAME), e.g. lisa, spread, safe, cka, gradnorm, "
         "layerwise_cka (LayerwiseCKA on the first 128 training examples); --arms takes policy:NAME too",
     )
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")])
