@@ -11,7 +11,8 @@ layers trains in about ``active_layers`` of the steps; with ``--lr-follows-rate`
 each layer's lr is ``lr x min(scale, steps so far / steps it trained)`` instead,
 so a layer a policy trains more often than ``active_layers`` gets less.
 
-Every finished run is one JSON line in ``--out`` (so a long study survives an
+Every finished run is one JSON line in ``--out`` (by default a file per study,
+``bench/results/quality_SETTING[_MODEL].jsonl``; so a long study survives an
 interruption: runs already there are skipped); ``--summary`` prints the
 tables (mean +- sample standard deviation over seeds), the importance
 analysis, and writes accuracy-vs-steps and -vs-time plots.
@@ -406,9 +407,7 @@ def summarize(args: argparse.Namespace) -> None:
             ]
             print(f"  {name:16s} {within[0] if within else 'none of ' + str(shared)}")
     importance_report(groups)
-    plot_quality(
-        groups, Path(args.out).with_suffix(""), args.setting + ("" if args.model == "smollm2" else f"_{args.model}")
-    )
+    plot_quality(groups, Path(args.out).with_suffix(""), study_name(args))
 
 
 def importance_report(groups: dict[tuple[str, float], list[dict]]) -> None:
@@ -460,7 +459,8 @@ def plot_quality(groups: dict[tuple[str, float], list[dict]], stem: Path, settin
         ax.legend(fontsize=8)
     fig.suptitle(f"{setting}: mean +- sd over seeds")
     fig.tight_layout()
-    path = stem.parent / f"{stem.name}_{setting}.png"
+    name = stem.name if stem.name.endswith(f"_{setting}") else f"{stem.name}_{setting}"  # quality_sst2.jsonl: once
+    path = stem.parent / f"{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"\nwrote {path}")
@@ -517,11 +517,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-root", default=str(SHARED_DATA))
-    parser.add_argument("--out", default=str(HERE / "results" / "quality.jsonl"))
+    parser.add_argument(
+        "--out", help="the results file (default: bench/results/quality_SETTING[_MODEL].jsonl, one per study)"
+    )
     parser.add_argument("--summary", action="store_true", help="print the tables of the runs in --out and plot")
     args = parser.parse_args(argv)
     fill_study_defaults(args)
+    if args.out is None:  # a file per study: one file for all of them outgrew 1 MiB
+        args.out = str(HERE / "results" / f"quality_{study_name(args)}.jsonl")
     return args
+
+
+def study_name(args: argparse.Namespace) -> str:
+    """``sst2``, ``sst2_minilm``: the setting, and the model where it is not SmolLM2 (results and plot names)."""
+    return args.setting + ("" if args.model == "smollm2" else f"_{args.model}")
 
 
 def main() -> None:
